@@ -1,0 +1,207 @@
+"""``recon-jax`` command line: a thin layer that parses flags and calls the library.
+
+    recon-jax train        train a victim to a certified stationary point   (recon_jax.victim)
+    recon-jax reconstruct  reconstruct its training images from θ*            (recon_jax.reconstruct)
+    recon-jax datasets     show where dataset names are looked up             (recon_jax.data)
+
+Errors in the input are reported as one line, ``recon-jax: error: ...``, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from recon_jax.errors import ReconJaxError
+
+log = logging.getLogger("recon_jax")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a victim network to a certified stationary point",
+                       description="Train a victim full-batch with jaxopt until ||grad L|| <= tol, "
+                                   "and write DIR/victim.msgpack, DIR/victim.json and DIR/data.npz.")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="digits",
+                   help="digits (embedded, offline), mnist, fashion_mnist, cifar10, idx:PATH, cifar:PATH, "
+                        "npz:PATH or tfds:NAME (default: digits); see `recon-jax datasets`")
+    d.add_argument("--split", default=None, help="source split: train or test (default: train if present)")
+    d.add_argument("--data-dir", default=None, help="a prepared TFDS data_dir")
+    d.add_argument("--n-per-class", type=int, default=10, help="training images per class (default 10)")
+    d.add_argument("--classes", default=None, help="comma-separated source classes to use (default: all)")
+    d.add_argument("--binary-positive", default=None,
+                   help="make the task binary: these classes are +1, the rest -1 (e.g. 1,3,5,7,9)")
+    d.add_argument("--n-heldout", type=int, default=None, help="held-out pool size (default: training set size)")
+    d.add_argument("--mean", choices=("pixel", "channel", "none"), default="pixel",
+                   help="subtract the training mean per pixel (default), per channel, or not at all")
+    m = p.add_argument_group("architecture")
+    m.add_argument("--model", choices=("affine", "mlp"), default="mlp")
+    m.add_argument("--hidden", default="1000", help="hidden widths, e.g. 1000 or 1000,1000 (mlp only)")
+    m.add_argument("--activation", default="gelu", help="relu, gelu, softplus or tanh (default gelu)")
+    m.add_argument("--softplus-beta", type=float, default=1.0, help="softplus sharpness beta")
+    m.add_argument("--bias", default="all", help="all, none, or one 0/1 flag per layer, e.g. 1,0,0")
+    m.add_argument("--first-layer-init-scale", type=float, default=None,
+                   help="std of the first kernel's N(0, s^2) init (reference: 1e-4)")
+    o = p.add_argument_group("objective and solver")
+    o.add_argument("--loss", choices=("ce", "logistic", "mse"), default="ce")
+    o.add_argument("--weight-decay", type=float, default=1e-3)
+    o.add_argument("--solver", choices=("lbfgs", "gd"), default="lbfgs")
+    o.add_argument("--lr", type=float, default=None, help="gd step size (default: line search)")
+    o.add_argument("--acceleration", action="store_true", help="gd: Nesterov acceleration")
+    o.add_argument("--maxiter", type=int, default=3000)
+    o.add_argument("--tol", type=float, default=None, help="solver tolerance on ||grad L|| (default by dtype)")
+    o.add_argument("--certify-tol", type=float, default=None,
+                   help="stationary iff ||grad L|| <= this (default 1e-8 float64, 1e-5 float32)")
+    o.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="victim folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a different victim already in --out")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from recon_jax.precision import enable_float64
+    from recon_jax.training import TrainConfig
+    from recon_jax.victim import VictimSpec, parse_bias, parse_int_list, train_and_save
+
+    if args.dtype == "float64":
+        enable_float64()
+    hidden = () if args.model == "affine" else (parse_int_list(args.hidden) or ())
+    if args.model == "mlp" and not hidden:
+        raise ReconJaxError("--model mlp needs --hidden, e.g. --hidden 1000; use --model affine for no hidden layer")
+    spec = VictimSpec(
+        dataset=args.dataset, split=args.split, data_dir=args.data_dir, n_per_class=args.n_per_class,
+        classes=parse_int_list(args.classes), binary_positive=parse_int_list(args.binary_positive),
+        n_heldout=args.n_heldout, mean=args.mean, hidden=hidden, activation=args.activation,
+        softplus_beta=args.softplus_beta, use_bias=parse_bias(args.bias, len(hidden) + 1),
+        first_layer_init_scale=args.first_layer_init_scale,
+        train=TrainConfig(loss=args.loss, weight_decay=args.weight_decay, solver=args.solver,
+                          maxiter=args.maxiter, tol=args.tol, certify_tol=args.certify_tol, dtype=args.dtype,
+                          learning_rate=args.lr, acceleration=args.acceleration),
+        seed=args.seed)
+    report = train_and_save(spec, args.out, overwrite=args.overwrite,
+                            progress=lambda it, err: log.info("iteration %6d  ||grad L|| %.3e", it, err))
+    summary = report if isinstance(report, dict) else report.to_dict()
+    keys = ("stationary", "grad_norm", "grad_norm_rel", "loss", "train_accuracy", "heldout_accuracy",
+            "n_params", "iterations", "seconds", "note")
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="reconstruct training images from a victim's released weights",
+                       description="Run K initialisations of the bilevel attack as one vmapped, chunked, "
+                                   "resumable program; write reconstructions.npz, history.npz and run.json.")
+    p.add_argument("--victim", required=True, help="victim folder written by `recon-jax train`")
+    p.add_argument("--method", choices=("bilevel",), default="bilevel")
+    p.add_argument("--init", default="gaussian:0.1",
+                   help="gaussian:SIGMA, gt-noise:SIGMA, heldout, mean[:SIGMA] or interp:A (default gaussian:0.1)")
+    p.add_argument("--n-inits", type=int, default=16, help="number of initialisations K (default 16)")
+    p.add_argument("--steps", type=int, default=300, help="outer steps (default 300)")
+    p.add_argument("--lr", type=float, default=0.01, help="outer learning rate (default 0.01)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
+    p.add_argument("--outer-loss", choices=("l2", "cosine"), default="l2",
+                   help="l2: ||theta - theta*||^2 / ||theta*||^2 (default); cosine: 1 - cos(theta, theta*)")
+    p.add_argument("--box", choices=("none", "penalty", "project"), default="none",
+                   help="box prior on mean-subtracted pixels (bounds --box-bounds)")
+    p.add_argument("--box-bounds", default="-1,1", help="lo,hi (default -1,1)")
+    p.add_argument("--box-weight", type=float, default=0.0, help="weight of the box penalty")
+    p.add_argument("--tv-weight", type=float, default=0.0, help="weight of total variation")
+    p.add_argument("--backend", choices=("jaxopt", "custom_vjp"), default="jaxopt", help="inner solver backend")
+    p.add_argument("--inner-tol", type=float, default=None, help="inner ||grad L|| tolerance (default by dtype)")
+    p.add_argument("--inner-maxiter", type=int, default=500)
+    p.add_argument("--cg-ridge", type=float, default=1e-10)
+    p.add_argument("--cg-maxiter", type=int, default=200)
+    p.add_argument("--cg-tol", type=float, default=None, help="relative CG tolerance (default by dtype)")
+    p.add_argument("--warm-start", choices=("previous", "victim"), default="previous",
+                   help="start each inner solve from the previous step's solution (default) or theta*")
+    p.add_argument("--chunk-size", type=int, default=None, help="initialisations per compiled batch "
+                                                                "(default: from free memory)")
+    p.add_argument("--segment", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default: the victim's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.set_defaults(func=_run_reconstruct)
+
+
+def _run_reconstruct(args) -> int:
+    from recon_jax import bilevel, reconstruct
+    from recon_jax.checkpoint import read_json
+    from recon_jax.precision import enable_float64
+    from recon_jax.solvers import InnerConfig
+
+    victim_meta = Path(args.victim) / "victim.json"
+    dtype = args.dtype or (read_json(victim_meta)["train_config"]["dtype"] if victim_meta.is_file() else "float64")
+    if dtype == "float64":
+        enable_float64()
+    tight = dtype == "float64"
+    try:
+        lo, hi = (float(t) for t in args.box_bounds.split(","))
+    except ValueError as err:
+        raise ReconJaxError(f"--box-bounds takes lo,hi, got {args.box_bounds!r}") from err
+    inner = InnerConfig(backend=args.backend, tol=args.inner_tol or (1e-10 if tight else 1e-5),
+                        maxiter=args.inner_maxiter, cg_ridge=args.cg_ridge, cg_maxiter=args.cg_maxiter,
+                        cg_tol=args.cg_tol or (1e-10 if tight else 1e-5))
+    config = bilevel.BilevelConfig(steps=args.steps, outer_loss=args.outer_loss, optimizer=args.optimizer,
+                                   momentum=args.momentum, box=args.box, box_bounds=(lo, hi),
+                                   warm_start=args.warm_start, inner=inner)
+    spec = reconstruct.ReconstructionSpec(
+        method=args.method, init=args.init, n_inits=args.n_inits, seed=args.seed, learning_rate=args.lr,
+        box_weight=args.box_weight, tv_weight=args.tv_weight, chunk_size=args.chunk_size, segment=args.segment,
+        dtype=args.dtype, bilevel=config)
+    summary = reconstruct.reconstruct(
+        args.victim, args.out, spec, overwrite=args.overwrite,
+        progress=lambda done, total: log.info("step %d / %d", done, total))
+    losses = np.asarray(summary["final_outer_loss"], dtype=float)
+    print(json.dumps({"final_outer_loss": {"min": float(np.nanmin(losses)), "median": float(np.nanmedian(losses)),
+                                           "max": float(np.nanmax(losses))},
+                      "diverged": int(np.sum(summary["diverged"])), "seconds": summary["seconds"]}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_datasets(sub) -> None:
+    p = sub.add_parser("datasets", help="show the dataset lookup order and what is found here")
+    p.add_argument("--data-dir", default=None, help="a prepared TFDS data_dir to include")
+    p.set_defaults(func=_run_datasets)
+
+
+def _run_datasets(args) -> int:
+    from recon_jax import data
+
+    print(data.describe_lookup(data_dir=args.data_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recon-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_reconstruct(sub)
+    _add_datasets(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except ReconJaxError as err:
+        print(f"recon-jax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Shared test fixtures.
+
+Tests that need real data outside the repository (``../shared/data``, or the Debian
+package ``dataset-fashion-mnist``) skip with a reason when it is absent, except under CI
+(``$CI`` set), where missing data is a failure: CI must never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA_ENV = "RECON_JAX_SHARED_DATA"
+"""Overrides where the shared real data lives (default: ``../shared/data`` from the repo)."""
+
+
+def shared_data_dir() -> Path:
+    """``$RECON_JAX_SHARED_DATA``, else ``<repo>/../shared/data``."""
+    override = os.environ.get(SHARED_DATA_ENV)
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _require_path(path: str | os.PathLike, why: str = "") -> Path:
+    path = Path(path)
+    if not path.exists():
+        message = f"needs {path}{f' ({why})' if why else ''}, which is absent"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must provide it", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def require_path() -> Callable[..., Path]:
+    """``require_path(path, why="")`` returns ``path``; skips (fails under $CI) if it is absent."""
+    return _require_path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder; skips (fails under $CI) if it is absent."""
+    return _require_path(shared_data_dir(), f"shared real data; set {SHARED_DATA_ENV} to relocate it")
