@@ -117,7 +117,8 @@ def make_solver(objective: Callable, config: TrainConfig):
                                   acceleration=config.acceleration, jit=True)
 
 
-def certificate_note(grad_norm: float, certify_tol: float, iterations: int, activation: str) -> str:
+def certificate_note(grad_norm: float, certify_tol: float, iterations: int, activation: str,
+                     dtype: str = "float64") -> str:
     """A one-line human explanation of the stationarity verdict."""
     if grad_norm <= certify_tol:
         return f"certified stationary: ||grad L|| = {grad_norm:.2e} <= {certify_tol:.0e}"
@@ -127,7 +128,8 @@ def certificate_note(grad_norm: float, certify_tol: float, iterations: int, acti
                "stall there, and the bilevel method (implicit differentiation) needs a smooth victim: "
                "use gelu, softplus or tanh.")
     return (f"NOT stationary: ||grad L|| = {grad_norm:.2e} > {certify_tol:.0e} after {iterations} "
-            f"iterations.{why} Otherwise raise --maxiter, or train in float64.")
+            f"iterations.{why} {'Otherwise r' if why else 'R'}aise --maxiter"
+            f"{', or train in float64' if dtype != 'float64' else ''}.")
 
 
 def train_victim(model: MLP, init_params, images, labels, config: TrainConfig, *,
@@ -189,7 +191,8 @@ def train_victim(model: MLP, init_params, images, labels, config: TrainConfig, *
     if heldout_images is not None:
         heldout_accuracy = accuracy(model.apply(params, jnp.asarray(heldout_images, dtype)),
                                     jnp.asarray(heldout_labels))
-    note = certificate_note(grad_norm, certify_tol, iterations, model.activation if model.hidden else "affine")
+    note = certificate_note(grad_norm, certify_tol, iterations, model.activation if model.hidden else "affine",
+                            config.dtype)
     report = TrainReport(
         grad_norm=grad_norm, grad_norm_rel=grad_norm / max(param_norm, np.finfo(dtype).tiny),
         loss=float(loss), train_accuracy=accuracy(model.apply(params, images), labels),

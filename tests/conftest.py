@@ -11,7 +11,17 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import pytest
+
+# Gradient and stationarity tests run in float64 (as optimistix's conftest does); float32
+# paths are exercised by casting explicitly.
+jax.config.update("jax_enable_x64", True)
+# Many tests compile the same solver programs; XLA's persistent cache lets them share one
+# compilation (a per-user folder, so repeated suite runs are faster too).
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "RECON_JAX_TEST_JAX_CACHE", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "recon_jax-tests-jax")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 SHARED_DATA_ENV = "RECON_JAX_SHARED_DATA"
 """Overrides where the shared real data lives (default: ``../shared/data`` from the repo)."""

@@ -1,0 +1,644 @@
+"""Benchmark of the bilevel reconstruction machinery: step cost, vmap speed-up, memory.
+
+What is measured (all in float64, on real MNIST test images, medians over repeats, after a
+warm-up call that compiles; every result is ``jax.block_until_ready``-ed before the clock stops):
+
+(a) Cost of ONE outer step, in gradient units.
+    The unit G is one jitted full-batch training-loss gradient ``jax.grad(L)(θ*, x, y)`` on
+    the same problem. The step is a jitted ``bilevel.outer_step`` (warm-started L-BFGS
+    inner solve + adjoint CG + one VJP + Adam update) on a state that has already taken
+    ``warm_steps`` steps from a gaussian:0.1 initialisation, so that the warm starts are
+    the ones a real run sees. Victims: the affine model (784-10, target ≤ 10 G) and a
+    one-hidden-layer gelu net (784-256-10, no target: reported). Both inner backends
+    ("jaxopt", "custom_vjp"), with ``record_cg_residual`` on and off. The step's record
+    gives the inner iterations and the CG residual.
+    A profile follows for every victim and backend: the inner solve alone from the same
+    warm start (with jaxopt's count of value-and-gradient evaluations), the backward pass
+    (adjoint CG + VJP, timed as forward+backward minus forward), one Hessian-vector
+    product, all in G; the number of CG iterations the step's adjoint solve needs (counted
+    by a CG that mirrors ``jax.scipy.sparse.linalg.cg``'s stopping rule) from the warm
+    start the backend actually uses, from the correctly signed warm start, and cold; and
+    the cost of one gradient inside a compiled loop, which shows how much of G is per-call
+    dispatch rather than arithmetic on these small problems.
+
+(b) K = 64 vmapped initialisations against 64 sequential single runs (affine victim on
+    20 images, 20 outer steps). Vmapped: one ``batching.run_batched`` call with
+    chunk_size = K (wall time, which includes its own trace + compile, since run_batched
+    jits on every call), and the very same vmapped programs compiled ahead and executed
+    (steady state). Sequential: one jitted single-initialisation init → run_steps →
+    evaluate, compiled once and called K times. Target: vmapped / sequential ≤ 0.5
+    (steady state). Diagnostics: the slowest-element penalty of a vmapped while_loop
+    (Σ_steps max_k iterations / Σ_steps mean_k iterations), and the vmapped/sequential
+    ratio of a plain gradient and of the inner solve alone.
+
+(c) Memory of one hypergradient ∇_x l(θ(x), θ*) with implicit differentiation (the
+    library's ``bilevel.hypergradient``, both backends) against unrolled differentiation
+    (the same ``jaxopt.LBFGS`` with ``implicit_diff=False``, not vmapped), at N = 100 and
+    N = 1000 inner iterations, forced with tol = 0 (jaxopt, unrolled) or tol = 1e-300
+    (the library's InnerConfig requires tol > 0; float64 gradients never get that small)
+    and maxiter = N. Memory is XLA's static buffer assignment of the compiled program:
+    ``jax.jit(f).lower(*args).compile().memory_analysis()``, reported as
+    argument + output + temp − alias bytes. (The CPU backend's ``peak_memory_in_bytes``
+    field is printed too, but on CPU it does not include the temp buffers, so it is not
+    used.) Expected: implicit is flat in N (ratio 1000/100 ≤ 1.1), unrolled grows (≥ 2).
+    The unrolled gradient is compiled and analysed at both N, and run and timed only
+    where N ≤ 100 and its buffers fit comfortably in free memory. (Observed with jaxopt
+    0.8.5: once the unrolled iterations near convergence, the gradient through its zoom
+    line search comes out NaN; with linesearch="backtracking" it stays finite. That does
+    not affect the memory figures.)
+
+Command (from the repository root; about 8 minutes on a 2-core CPU, no GPU):
+
+    python benchmarks/bilevel.py [--quick] [--only a|b|c] [--json PATH]
+
+``--quick`` is a smoke run: the jaxopt backend and the affine victim only, 20 images,
+K = 4 with 3 steps, N = 5 and 20, 3 repeats. It takes about 1.5 minutes on the same
+machine, almost all of it XLA compilation (the unrolled gradient alone compiles for ~15 s
+whatever N), which smaller sizes do not shorten. A summary table at the end lists each
+ratio with its target and PASS/MISS, and the command, machine, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jaxopt.*")  # archived-project notice
+import jaxopt  # noqa: E402
+import numpy as np
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from recon_jax import batching, bilevel, data
+from recon_jax.initialisation import initial_images, parse_init
+from recon_jax.models import MLP, count_params, init_params
+from recon_jax.objectives import make_objective
+from recon_jax.precision import enable_float64
+from recon_jax.solvers import InnerConfig, make_argmin, probed
+from recon_jax.training import TrainConfig, train_victim
+
+MNIST = "idx:/work/shared/data/mnist"
+IMAGE_SHAPE = (28, 28, 1)
+WEIGHT_DECAY = 1e-3
+LEARNING_RATE = 0.01
+INIT = "gaussian:0.1"
+BACKENDS = ("jaxopt", "custom_vjp")
+
+TARGET_STEP_IN_GRADS = 10.0  # (a) affine: one outer step ≤ 10 gradient evaluations
+TARGET_VMAP_RATIO = 0.5  # (b) vmapped K=64 time ≤ half of 64 sequential runs
+TARGET_IMPLICIT_GROWTH = 1.1  # (c) implicit memory at 1000 / at 100 iterations: flat
+TARGET_UNROLLED_GROWTH = 2.0  # (c) unrolled memory at 1000 / at 100: grows
+
+SIZES = {
+    "default": dict(backends=BACKENDS, hidden_a=((), (256,)), n_per_class_a=10, warm_steps=20, step_repeats_affine=20,
+                    step_repeats_hidden=7, grad_repeats=200, piece_repeats=7,
+                    n_per_class_b=2, k_inits=64, steps_b=20, diagnostics_b=True,
+                    n_per_class_c=10, iterations_c=(100, 1000)),
+    # --quick: only the library's default backend and the affine victim; tiny sizes. The
+    # time is almost all XLA compilation, which sizes barely change.
+    "quick": dict(backends=("jaxopt",), hidden_a=((),), n_per_class_a=2, warm_steps=5, step_repeats_affine=3,
+                  step_repeats_hidden=3, grad_repeats=20, piece_repeats=3,
+                  n_per_class_b=2, k_inits=4, steps_b=3, diagnostics_b=False,
+                  n_per_class_c=2, iterations_c=(5, 20)),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+    """Median wall time of ``fn(*args)`` over ``repeats`` calls, after one warm-up call."""
+    block(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timed(fn, *args):
+    """(result, seconds) of one blocked call."""
+    start = time.perf_counter()
+    out = block(fn(*args))
+    return out, time.perf_counter() - start
+
+
+def section(title: str) -> None:
+    print(f"\n{'=' * 100}\n{title}\n{'=' * 100}", flush=True)
+
+
+_VICTIMS: dict = {}
+
+
+def load_victim(n_per_class: int, hidden: tuple[int, ...]) -> dict:
+    """Train a victim to a certified stationary point on n_per_class × 10 MNIST images (cached)."""
+    if (n_per_class, hidden) in _VICTIMS:
+        return _VICTIMS[n_per_class, hidden]
+    victim_data = data.select(data.load_dataset(MNIST), n_per_class=n_per_class, seed=0)
+    images = jnp.asarray(victim_data.train_centered(), jnp.float64)
+    labels = jnp.asarray(victim_data.train.labels)
+    model = MLP(n_out=10, hidden=hidden, activation="gelu")
+    params0 = init_params(model, jax.random.key(0), IMAGE_SHAPE, jnp.float64)
+    victim_params, report = train_victim(model, params0, images, labels,
+                                         TrainConfig(loss="ce", weight_decay=WEIGHT_DECAY))
+    objective = make_objective(model.apply, "ce", WEIGHT_DECAY)
+    problem = bilevel.Problem(victim_params=victim_params, labels=labels, objective=objective)
+    name = "affine 784-10" if not hidden else f"gelu 784-{'-'.join(map(str, hidden))}-10"
+    print(f"victim {name}: {len(labels)} images, {count_params(victim_params)} parameters, "
+          f"trained in {report.iterations} L-BFGS iterations, ||grad L|| = {report.grad_norm:.1e} "
+          f"(stationary: {report.stationary})", flush=True)
+    victim = dict(name=name, images=images, labels=labels, problem=problem, objective=objective,
+                  n_params=count_params(victim_params), stationary=report.stationary)
+    _VICTIMS[n_per_class, hidden] = victim
+    return victim
+
+
+def initial_guesses(k: int, labels) -> jax.Array:
+    """x₀ (K, N, 28, 28, 1) from gaussian:0.1, as ``recon-jax reconstruct`` draws them."""
+    return jnp.asarray(initial_images(parse_init(INIT), k, np.asarray(labels), IMAGE_SHAPE, seed=0,
+                                      dtype=np.float64))
+
+
+def scalar_hyper(k: int | None = None) -> bilevel.Hyper:
+    full = (lambda v: jnp.asarray(v, jnp.float64)) if k is None else (lambda v: jnp.full(k, v, jnp.float64))
+    return bilevel.Hyper(learning_rate=full(LEARNING_RATE), box_weight=full(0.0), tv_weight=full(0.0))
+
+
+def count_cg_iterations(matvec, b, x0, *, tol: float, maxiter: int):
+    """Iterations plain CG needs on A x = b from x0, stopping as ``jax.scipy.sparse.linalg.cg``
+    does (‖r‖ ≤ tol ‖b‖, or maxiter). The library calls that cg, which does not report its
+    iteration count, so this mirrors it to count. Returns (iterations, ‖r‖/‖b‖)."""
+    b_flat, unravel = ravel_pytree(b)
+    apply = lambda v: ravel_pytree(matvec(unravel(v)))[0]
+    x = ravel_pytree(x0)[0]
+    r = b_flat - apply(x)
+    threshold = (tol * jnp.linalg.norm(b_flat)) ** 2
+
+    def cond(carry):
+        _, r, _, gamma, k = carry
+        return (gamma > threshold) & (k < maxiter)
+
+    def body(carry):
+        x, r, p, gamma, k = carry
+        ap = apply(p)
+        alpha = gamma / jnp.vdot(p, ap)
+        x, r = x + alpha * p, r - alpha * ap
+        gamma_new = jnp.vdot(r, r)
+        return x, r, r + (gamma_new / gamma) * p, gamma_new, k + 1
+
+    _, r, _, _, k = lax.while_loop(cond, body, (x, r, r, jnp.vdot(r, r), 0))
+    return k, jnp.linalg.norm(r) / jnp.linalg.norm(b_flat)
+
+
+# --------------------------------------------------------------------------- (a)
+
+
+def in_loop_gradient_seconds(objective, params, images, labels, n: int = 50, repeats: int = 5) -> float:
+    """Cost of one gradient inside a compiled loop (no per-call dispatch): n chained
+    gradient steps in one ``fori_loop``, divided by n. Each step uses the previous
+    result, so XLA cannot drop or merge them."""
+    def many_gradients(params, images, labels):
+        step = lambda _, p: jax.tree_util.tree_map(lambda a, g: a - 1e-6 * g, p, jax.grad(objective)(p, images, labels))
+        return lax.fori_loop(0, n, step, params)
+
+    return median_seconds(jax.jit(many_gradients), params, images, labels, repeats=repeats) / n
+
+
+def profile_step(victim: dict, inner: InnerConfig, state: bilevel.OuterState, grad_seconds: float,
+                 repeats: int) -> dict:
+    """Time the pieces of one outer step separately (record_cg_residual off), in gradient units."""
+    problem, labels = victim["problem"], victim["labels"]
+    argmin = make_argmin(problem.objective, inner)
+    zeros_like = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+    # 1. The inner solve alone, warm-started exactly as outer_step starts it.
+    inner_solve = jax.jit(lambda prob, s: argmin(s.inner_params, s.images, prob.labels,
+                                                 zeros_like(s.inner_params), s.adjoint))
+    inner_seconds = median_seconds(inner_solve, problem, state, repeats=repeats)
+    solution, info = inner_solve(problem, state)
+
+    # 2. The backward pass (adjoint CG + one VJP through ∇_θL), as the difference between
+    #    the forward+backward hypergradient and the forward alone, from the same warm starts.
+    #    (Timing the pullback directly would mean returning jax.vjp's closure from jit, which
+    #    jaxopt's custom_root does not allow: its residuals leak tracers.)
+    def outer_loss(prob, s, images, probe):
+        params, _ = argmin(s.inner_params, images, prob.labels, probe, s.adjoint)
+        return bilevel.parameter_loss("l2", params, prob.victim_params)
+
+    forward_backward = jax.jit(lambda prob, s: jax.grad(partial(outer_loss, prob, s), argnums=(0, 1))(
+        s.images, zeros_like(s.inner_params)))
+    forward_backward_seconds = median_seconds(forward_backward, problem, state, repeats=repeats)
+    backward_seconds = forward_backward_seconds - inner_seconds
+
+    # 3. One Hessian-vector product at the inner solution (what each CG iteration costs).
+    def hvp(prob, params, vector, images):
+        return jax.jvp(lambda p: jax.grad(prob.objective)(p, images, prob.labels), (params,), (vector,))[1]
+
+    hvp_jit = jax.jit(hvp)
+    hvp_seconds = median_seconds(hvp_jit, problem, solution, state.adjoint, state.images, repeats=max(repeats, 20))
+
+    # 4. CG iterations of the adjoint system (H + ρI) v = g, g = ∂l/∂θ, from several starts.
+    #    custom_vjp solves exactly that, warm-started at the previous v (state.adjoint).
+    #    jaxopt's root_vjp solves (H + ρI) u = −g (u = −v) and is handed init = state.adjoint.
+    @jax.jit
+    def cg_counts(prob, params, s):
+        g = jax.grad(lambda p: bilevel.parameter_loss("l2", p, prob.victim_params))(params)
+        op = lambda v: jax.tree_util.tree_map(lambda a, b: a + inner.cg_ridge * b,
+                                              hvp(prob, params, v, s.images), v)
+        count = partial(count_cg_iterations, op, tol=inner.cg_tol, maxiter=inner.cg_maxiter)
+        negative = lambda tree: jax.tree_util.tree_map(jnp.negative, tree)
+        if inner.backend == "jaxopt":
+            as_run = count(negative(g), s.adjoint)
+            correct = count(negative(g), negative(s.adjoint))
+        else:
+            as_run = correct = count(g, s.adjoint)
+        cold = count(g, zeros_like(s.adjoint))
+        return {"as_run": as_run, "correct_sign_warm": correct, "cold": cold}
+
+    counts = jax.tree_util.tree_map(np.asarray, cg_counts(problem, solution, state))
+
+    result = {
+        "inner_solve_grads": inner_seconds / grad_seconds,
+        "inner_iterations": int(info.iterations),
+        "backward_grads": backward_seconds / grad_seconds,
+        "forward_backward_grads": forward_backward_seconds / grad_seconds,
+        "hvp_grads": hvp_seconds / grad_seconds,
+        "cg_iterations": {k: int(v[0]) for k, v in counts.items()},
+        "cg_final_relative_residual": {k: float(v[1]) for k, v in counts.items()},
+    }
+
+    # jaxopt reports how many value-and-gradient evaluations its line search made.
+    if inner.backend == "jaxopt":
+        solver = jaxopt.LBFGS(fun=probed(problem.objective), tol=inner.tol, maxiter=inner.maxiter,
+                              history_size=inner.history_size, jit=True)
+        run = jax.jit(lambda prob, s: solver.run(s.inner_params, s.images, prob.labels,
+                                                 zeros_like(s.inner_params))[1])
+        solver_state = run(problem, state)
+        result["inner_grad_evaluations"] = int(solver_state.num_grad_eval)
+        result["inner_fun_evaluations"] = int(solver_state.num_fun_eval)
+    return result
+
+
+def benchmark_step_cost(victim: dict, sizes: dict, repeats: int) -> dict:
+    """(a) for one victim: every backend × record_cg_residual, then the profile."""
+    problem, images, labels = victim["problem"], victim["images"], victim["labels"]
+    grad = jax.jit(jax.grad(victim["objective"]))
+    grad_seconds = median_seconds(grad, problem.victim_params, images, labels, repeats=sizes["grad_repeats"])
+    loop_seconds = in_loop_gradient_seconds(victim["objective"], problem.victim_params, images, labels)
+    print(f"\n[{victim['name']}] unit G = one jitted full-batch gradient call: {grad_seconds * 1e3:.3f} ms "
+          f"(inside a compiled loop one gradient costs {loop_seconds * 1e3:.3f} ms = {loop_seconds / grad_seconds:.2f} G; "
+          f"the rest of G is per-call dispatch)", flush=True)
+    hyper = scalar_hyper()
+    x0 = initial_guesses(1, labels)[0]
+    out = {"victim": victim["name"], "n_images": int(len(labels)), "n_params": victim["n_params"],
+           "grad_ms": grad_seconds * 1e3, "grad_in_loop_ms": loop_seconds * 1e3, "steps": {}, "profile": {}}
+    print(f"  {'backend':<11} {'record_cg':>9} {'step ms':>9} {'step / G':>9} {'inner it':>9} "
+          f"{'warm-up mean it':>16} {'cg residual':>12}")
+    for backend in sizes["backends"]:
+        inner = InnerConfig(backend=backend)
+        # The warm-up does not depend on record_cg_residual (it only adds a diagnostic),
+        # so both variants are timed on the same state.
+        warm_config = bilevel.BilevelConfig(inner=inner)
+        state = bilevel.init_state(warm_config, problem, x0)
+        warm_run = jax.jit(partial(bilevel.run_steps, warm_config), static_argnums=3)
+        state, history = block(warm_run(problem, hyper, state, sizes["warm_steps"]))
+        warm_mean_iterations = float(np.mean(history["inner_iterations"]))
+        for record in (True, False):
+            config = bilevel.BilevelConfig(inner=inner, record_cg_residual=record)
+            step = jax.jit(partial(bilevel.outer_step, config))
+            step_seconds = median_seconds(step, problem, hyper, state, repeats=repeats)
+            _, step_record = step(problem, hyper, state)
+            row = {"step_ms": step_seconds * 1e3, "step_grads": step_seconds / grad_seconds,
+                   "inner_iterations": int(step_record["inner_iterations"]),
+                   "warmup_mean_inner_iterations": warm_mean_iterations,
+                   "cg_residual": float(step_record["cg_residual"])}
+            out["steps"][f"{backend}/record_cg={record}"] = row
+            print(f"  {backend:<11} {str(record):>9} {row['step_ms']:9.2f} {row['step_grads']:9.1f} "
+                  f"{row['inner_iterations']:9d} {warm_mean_iterations:16.1f} {row['cg_residual']:12.2e}", flush=True)
+        out["profile"][backend] = profile_step(victim, inner, state, grad_seconds, sizes["piece_repeats"])
+    print(f"  profile (record_cg_residual=False), in units of G = {grad_seconds * 1e3:.3f} ms:")
+    for backend, p in out["profile"].items():
+        evals = ""
+        if "inner_grad_evaluations" in p:  # what those evaluations alone would cost, at the in-loop price
+            evals = (f", {p['inner_grad_evaluations']} value+grad evaluations = "
+                     f"{p['inner_grad_evaluations'] * loop_seconds / grad_seconds:.1f} G at the in-loop price")
+        cg = p["cg_iterations"]
+        print(f"    {backend:<11} inner solve {p['inner_solve_grads']:7.1f} G ({p['inner_iterations']} iterations{evals})"
+              f" | backward (CG + VJP) {p['backward_grads']:7.1f} G | both {p['forward_backward_grads']:7.1f} G"
+              f" | one HVP {p['hvp_grads']:5.2f} G\n"
+              f"    {'':<11} adjoint CG iterations: {cg['as_run']} from the warm start as run, "
+              f"{cg['correct_sign_warm']} from the correctly signed warm start, {cg['cold']} cold "
+              f"(cap {InnerConfig().cg_maxiter})", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- (b)
+
+
+def benchmark_vmap(sizes: dict) -> dict:
+    """(b): K vmapped initialisations in one run_batched call vs K sequential single runs."""
+    victim = load_victim(sizes["n_per_class_b"], ())
+    problem, labels = victim["problem"], victim["labels"]
+    k, steps = sizes["k_inits"], sizes["steps_b"]
+    x0 = initial_guesses(k, labels)
+    hyper = scalar_hyper(k)
+    out = {"victim": victim["name"], "n_images": int(len(labels)), "k_inits": k, "steps": steps, "backends": {}}
+    for backend in sizes["backends"]:
+        config = bilevel.BilevelConfig(steps=steps, inner=InnerConfig(backend=backend))
+        init = lambda x, h: bilevel.init_state(config, problem, x)
+        run = lambda s, h, n: bilevel.run_steps(config, problem, h, s, n)
+        finish = partial(bilevel.evaluate, config, problem)
+
+        # One run_batched call: its wall time includes tracing and compiling its programs,
+        # because run_batched builds fresh jax.jit(jax.vmap(...)) wrappers on every call.
+        (states, history, final), batched_call_seconds = timed(
+            lambda: batching.run_batched(init, run, finish, x0, hyper, steps=steps, chunk_size=k))
+
+        # The same vmapped programs run_batched builds, compiled ahead: execution only.
+        v_init, v_finish = jax.jit(jax.vmap(init)), jax.jit(jax.vmap(finish))
+        v_run = jax.jit(jax.vmap(run, in_axes=(0, 0, None)), static_argnums=2)
+        start = time.perf_counter()
+        block(v_finish(v_run(v_init(x0, hyper), hyper, steps)[0]))
+        vmapped_first_seconds = time.perf_counter() - start  # compile + one execution
+        vmapped_seconds = timed(lambda: v_finish(v_run(v_init(x0, hyper), hyper, steps)[0]))[1]
+
+        # Sequential: one single-initialisation program, compiled once, called K times.
+        @jax.jit
+        def single(x, h):
+            final_state, _ = run(init(x, h), h, steps)
+            return final_state, finish(final_state)
+
+        one_hyper = jax.tree_util.tree_map(lambda a: a[0], hyper)
+        _, single_compile_seconds = timed(single, x0[0], one_hyper)
+        start = time.perf_counter()
+        sequential = [block(single(x0[i], one_hyper)) for i in range(k)]
+        sequential_seconds = time.perf_counter() - start
+
+        # vmap must not change the answer (up to floating-point reassociation).
+        sequential_loss = np.array([s[1]["outer_loss"] for s in sequential])
+        max_loss_difference = float(np.max(np.abs(sequential_loss - final["outer_loss"])))
+
+        # Diagnostics: a vmapped while_loop runs until its slowest element stops.
+        iterations = np.asarray(history["inner_iterations"])  # (K, steps)
+        slowest_penalty = float(iterations.max(axis=0).sum() / iterations.mean(axis=0).sum())
+        diagnostics = vmap_diagnostics(victim, config.inner, x0, sizes["piece_repeats"]) if sizes["diagnostics_b"] else {}
+
+        row = {"run_batched_call_s": batched_call_seconds,
+               "vmapped_compile_plus_run_s": vmapped_first_seconds,
+               "vmapped_execution_s": vmapped_seconds,
+               "sequential_s": sequential_seconds, "sequential_compile_s": single_compile_seconds,
+               "ratio_execution": vmapped_seconds / sequential_seconds,
+               "ratio_with_compile": batched_call_seconds / (sequential_seconds + single_compile_seconds),
+               "max_final_loss_difference": max_loss_difference,
+               "inner_iterations_mean": float(iterations.mean()), "inner_iterations_max": int(iterations.max()),
+               "slowest_element_penalty": slowest_penalty, **diagnostics}
+        out["backends"][backend] = row
+        print(f"\n[{backend}] K={k}, {steps} outer steps, {len(labels)} images\n"
+              f"  run_batched call (incl. its compile): {batched_call_seconds:8.2f} s\n"
+              f"  vmapped programs, execution only:     {vmapped_seconds:8.2f} s   "
+              f"(compile + first run {vmapped_first_seconds:.2f} s)\n"
+              f"  {k} sequential single runs:            {sequential_seconds:8.2f} s   "
+              f"(+ {single_compile_seconds:.2f} s for the one compile)\n"
+              f"  vmapped / sequential: {row['ratio_execution']:.2f} (execution only), "
+              f"{row['ratio_with_compile']:.2f} (each including one compile)   target <= {TARGET_VMAP_RATIO}\n"
+              f"  max |final outer loss vmapped - sequential| = {max_loss_difference:.1e}\n"
+              f"  inner iterations per step: mean {row['inner_iterations_mean']:.1f}, max {row['inner_iterations_max']}; "
+              f"slowest-element penalty (sum of per-step max / mean) {slowest_penalty:.2f}", flush=True)
+        if diagnostics:
+            print(f"  vmapped/sequential for the pieces: full-batch gradient {diagnostics['gradient_ratio']:.2f}, "
+                  f"inner solve alone (from theta*, at x0) {diagnostics['inner_solve_ratio']:.2f} "
+                  f"({diagnostics['inner_solve_vmapped_s']:.2f} s vs {diagnostics['inner_solve_sequential_s']:.2f} s)",
+                  flush=True)
+    return out
+
+
+def vmap_diagnostics(victim: dict, inner: InnerConfig, x0, repeats: int) -> dict:
+    """vmapped(K)/sequential(K) time for a plain gradient and for one cold inner solve."""
+    problem, labels = victim["problem"], victim["labels"]
+    k = x0.shape[0]
+    # Each initialisation has its own θ in a real run, so the vmapped gradient gets a batch of θ.
+    noise = jax.random.normal(jax.random.key(1), (k,))
+    params_k = jax.tree_util.tree_map(lambda a: a[None] * (1 + 0.01 * noise.reshape((k,) + (1,) * a.ndim)),
+                                      problem.victim_params)
+    grad = jax.jit(jax.grad(problem.objective))
+    grad_k = jax.jit(jax.vmap(jax.grad(problem.objective), in_axes=(0, 0, None)))
+    one = lambda tree, i: jax.tree_util.tree_map(lambda a: a[i], tree)
+    grad_seq = median_seconds(lambda: [grad(one(params_k, i), x0[i], labels) for i in range(k)], repeats=repeats)
+    grad_vmap = median_seconds(grad_k, params_k, x0, labels, repeats=repeats)
+
+    argmin = make_argmin(problem.objective, inner)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, problem.victim_params)
+    solve = lambda x: argmin(problem.victim_params, x, labels, zeros, zeros)[0]
+    solve_one, solve_k = jax.jit(solve), jax.jit(jax.vmap(solve))
+    solve_seq = median_seconds(lambda: [solve_one(x0[i]) for i in range(k)], repeats=max(1, repeats // 2))
+    solve_vmap = median_seconds(solve_k, x0, repeats=max(1, repeats // 2))
+    return {"gradient_ratio": grad_vmap / grad_seq, "inner_solve_ratio": solve_vmap / solve_seq,
+            "inner_solve_sequential_s": solve_seq, "inner_solve_vmapped_s": solve_vmap}
+
+
+# --------------------------------------------------------------------------- (c)
+
+
+def memory_bytes(compiled) -> dict:
+    """Static buffer sizes of a compiled XLA program (CompiledMemoryStats)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        raise RuntimeError("memory_analysis() is unavailable on this backend")
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return {"total": int(total), "temp": int(m.temp_size_in_bytes), "argument": int(m.argument_size_in_bytes),
+            "output": int(m.output_size_in_bytes), "alias": int(m.alias_size_in_bytes),
+            "xla_peak_field": int(getattr(m, "peak_memory_in_bytes", -1))}
+
+
+def benchmark_memory(sizes: dict) -> dict:
+    """(c): compiled memory of the implicit and the unrolled hypergradient at N iterations."""
+    victim = load_victim(sizes["n_per_class_c"], ())
+    problem, labels = victim["problem"], victim["labels"]
+    # A candidate near the truth, where the hypergradient is well defined.
+    images = victim["images"] + 0.05 * jax.random.normal(jax.random.key(1), victim["images"].shape, jnp.float64)
+    free_bytes = batching.available_memory_bytes()
+    out = {"victim": victim["name"], "n_images": int(len(labels)), "rows": {}}
+    print(f"\n  {'method':<22} {'N':>5} {'total MiB':>10} {'temp MiB':>10} {'compile s':>10} {'run s':>8}  notes")
+    implicit_gradients = {}
+    for n in sizes["iterations_c"]:
+        for backend in sizes["backends"]:
+            config = bilevel.BilevelConfig(inner=InnerConfig(backend=backend, tol=1e-300, maxiter=n))
+            hypergradient = jax.jit(partial(bilevel.hypergradient, config))
+            compiled, compile_seconds = timed(lambda: hypergradient.lower(problem, images).compile())
+            (_, gradient), run_seconds = timed(compiled, problem, images)
+            implicit_gradients[(backend, n)] = gradient
+            # Check that N iterations really ran (the tolerance cannot be met).
+            argmin = make_argmin(problem.objective, config.inner)
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, problem.victim_params)
+            info = jax.jit(lambda prob, x: argmin(prob.victim_params, x, prob.labels, zeros, zeros)[1])(problem, images)
+            row = {"method": f"implicit ({backend})", "iterations": n, **memory_bytes(compiled),
+                   "compile_s": compile_seconds, "run_s": run_seconds, "iterations_run": int(info.iterations)}
+            out["rows"][f"implicit_{backend}_{n}"] = row
+            print_memory_row(row, f"{row['iterations_run']} iterations ran")
+
+        solver = jaxopt.LBFGS(fun=problem.objective, tol=0.0, maxiter=n, history_size=InnerConfig().history_size,
+                              implicit_diff=False, jit=True)  # unroll defaults to True when implicit_diff=False
+
+        def unrolled_outer_loss(prob, x):
+            params = solver.run(prob.victim_params, x, prob.labels).params
+            return bilevel.parameter_loss("l2", params, prob.victim_params)
+
+        unrolled = jax.jit(jax.value_and_grad(unrolled_outer_loss, argnums=1))
+        compiled, compile_seconds = timed(lambda: unrolled.lower(problem, images).compile())
+        row = {"method": "unrolled (jaxopt)", "iterations": n, **memory_bytes(compiled), "compile_s": compile_seconds,
+               "run_s": None}
+        note = "compiled and analysed only"
+        if n <= 100 and row["total"] < 0.5 * free_bytes:
+            (_, gradient), row["run_s"] = timed(compiled, problem, images)
+            reference = implicit_gradients[("jaxopt", n)]
+            row["gradient_finite"] = bool(jnp.all(jnp.isfinite(gradient)))
+            row["relative_difference_to_implicit"] = float(jnp.linalg.norm(gradient - reference)
+                                                           / jnp.linalg.norm(reference))
+            note = (f"gradient finite: {row['gradient_finite']}, "
+                    f"rel. difference to implicit {row['relative_difference_to_implicit']:.1e}")
+        out["rows"][f"unrolled_{n}"] = row
+        print_memory_row(row, note)
+
+    small, large = sizes["iterations_c"]
+    rows = out["rows"]
+    out["ratios"] = {
+        **{f"implicit_{b}_growth": rows[f"implicit_{b}_{large}"]["total"] / rows[f"implicit_{b}_{small}"]["total"]
+           for b in sizes["backends"]},
+        "unrolled_growth": rows[f"unrolled_{large}"]["total"] / rows[f"unrolled_{small}"]["total"],
+        **{f"unrolled_over_implicit_{n}": rows[f"unrolled_{n}"]["total"] / rows[f"implicit_jaxopt_{n}"]["total"]
+           for n in (small, large)},
+    }
+    implicit_growth = ", ".join(f"implicit {b} {out['ratios'][f'implicit_{b}_growth']:.2f}" for b in sizes["backends"])
+    print(f"\n  memory at N={large} / at N={small}: {implicit_growth}, unrolled {out['ratios']['unrolled_growth']:.2f}\n"
+          f"  unrolled / implicit (jaxopt): {out['ratios'][f'unrolled_over_implicit_{small}']:.0f}x at N={small}, "
+          f"{out['ratios'][f'unrolled_over_implicit_{large}']:.0f}x at N={large}\n"
+          f"  (memory = argument + output + temp - alias of the compiled program; XLA's CPU "
+          f"'peak_memory_in_bytes' field leaves out temp buffers and is only kept in the JSON)", flush=True)
+    return out
+
+
+def print_memory_row(row: dict, note: str) -> None:
+    run = f"{row['run_s']:8.2f}" if row["run_s"] is not None else f"{'-':>8}"
+    print(f"  {row['method']:<22} {row['iterations']:5d} {row['total'] / 2**20:10.1f} {row['temp'] / 2**20:10.1f} "
+          f"{row['compile_s']:10.1f} {run}  {note}", flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
+            "jaxopt": importlib.metadata.version("jaxopt"), "optax": importlib.metadata.version("optax"),
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
+
+
+def summary_rows(results: dict) -> list[tuple[str, float, str, str]]:
+    """(what, value, target, verdict) for every ratio measured."""
+    rows = []
+    for victim in results.get("a", []):
+        affine = victim["victim"].startswith("affine")
+        for key, row in victim["steps"].items():
+            target = f"<= {TARGET_STEP_IN_GRADS:g}" if affine else "(none)"
+            verdict = ("PASS" if row["step_grads"] <= TARGET_STEP_IN_GRADS else "MISS") if affine else "info"
+            rows.append((f"a  step/grad  {victim['victim']} {key}", row["step_grads"], target, verdict))
+    if "b" in results:
+        for backend, row in results["b"]["backends"].items():
+            rows.append((f"b  vmapped/sequential {backend} (execution)", row["ratio_execution"],
+                         f"<= {TARGET_VMAP_RATIO}", "PASS" if row["ratio_execution"] <= TARGET_VMAP_RATIO else "MISS"))
+            rows.append((f"b  vmapped/sequential {backend} (incl. compile)", row["ratio_with_compile"],
+                         f"<= {TARGET_VMAP_RATIO}", "info"))
+    if "c" in results:
+        ratios = results["c"]["ratios"]
+        small, large = results["c"]["iterations"]
+        for backend in [b for b in BACKENDS if f"implicit_{b}_growth" in ratios]:
+            value = ratios[f"implicit_{backend}_growth"]
+            rows.append((f"c  implicit ({backend}) memory N={large}/N={small}", value, f"<= {TARGET_IMPLICIT_GROWTH}",
+                         "PASS" if value <= TARGET_IMPLICIT_GROWTH else "MISS"))
+        value = ratios["unrolled_growth"]
+        rows.append((f"c  unrolled memory N={large}/N={small}", value, f">= {TARGET_UNROLLED_GROWTH}",
+                     "PASS" if value >= TARGET_UNROLLED_GROWTH else "MISS"))
+        for n in (small, large):
+            rows.append((f"c  unrolled/implicit memory N={n}", ratios[f"unrolled_over_implicit_{n}"], "(none)", "info"))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute)")
+    parser.add_argument("--only", choices=("a", "b", "c"), help="run one part only")
+    parser.add_argument("--json", metavar="PATH", help="also write all numbers as JSON to PATH")
+    args = parser.parse_args(argv)
+
+    enable_float64()
+    sizes = SIZES["quick" if args.quick else "default"]
+    parts = (args.only,) if args.only else ("a", "b", "c")
+    info = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine(), "sizes": sizes}
+    print(f"recon_jax bilevel benchmark  |  {info['date']}\ncommand: {info['command']}\n"
+          f"machine: {info['machine']['cpu_count']} CPUs, {info['machine']['platform']}, jax {jax.__version__} "
+          f"({info['machine']['backend']}), jaxopt {info['machine']['jaxopt']}, float64", flush=True)
+    results: dict = {}
+    seconds: dict = {}
+
+    if "a" in parts:
+        section("(a) one outer step, in units of one full-batch training-loss gradient G")
+        start = time.perf_counter()
+        results["a"] = []
+        for hidden in sizes["hidden_a"]:
+            repeats = sizes["step_repeats_hidden"] if hidden else sizes["step_repeats_affine"]
+            victim = load_victim(sizes["n_per_class_a"], hidden)
+            results["a"].append(benchmark_step_cost(victim, sizes, repeats))
+        seconds["a"] = time.perf_counter() - start
+    if "b" in parts:
+        section(f"(b) K={sizes['k_inits']} vmapped initialisations vs {sizes['k_inits']} sequential single runs")
+        start = time.perf_counter()
+        results["b"] = benchmark_vmap(sizes)
+        seconds["b"] = time.perf_counter() - start
+    if "c" in parts:
+        section("(c) hypergradient memory: implicit vs unrolled differentiation (compiled-program analysis)")
+        start = time.perf_counter()
+        results["c"] = benchmark_memory(sizes)
+        results["c"]["iterations"] = list(sizes["iterations_c"])
+        seconds["c"] = time.perf_counter() - start
+
+    section("summary")
+    rows = summary_rows(results)
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measurement':<{width}}  {'ratio':>9}  {'target':>8}  verdict")
+    for what, value, target, verdict in rows:
+        print(f"{what:<{width}}  {value:9.2f}  {target:>8}  {verdict}")
+    print(f"\ncommand: {info['command']}\nmachine: {info['machine']['cpu_count']} CPUs, "
+          f"jax {jax.__version__} / jaxlib {info['machine']['jaxlib']} on {info['machine']['backend']}, "
+          f"jaxopt {info['machine']['jaxopt']}, optax {info['machine']['optax']}, python {info['machine']['python']}\n"
+          f"date: {info['date']}\nsection seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+
+    if args.json:
+        payload = {**info, "results": results, "section_seconds": seconds,
+                   "summary": [dict(zip(("measurement", "ratio", "target", "verdict"), r)) for r in rows]}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2, default=float)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Bilevel engine: hypergradients against finite differences and a closed form, backend
+agreement, vmap against a loop, chunking, NaN isolation and resumption."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recon_jax import bilevel, data
+from recon_jax.batching import run_batched
+from recon_jax.models import MLP, init_params
+from recon_jax.objectives import make_objective
+from recon_jax.solvers import InnerConfig
+from recon_jax.training import TrainConfig, train_victim
+
+TIGHT = InnerConfig(tol=1e-12, maxiter=1000, cg_ridge=0.0, cg_tol=1e-14, cg_maxiter=1000)
+
+
+def _victim(hidden, activation, loss, n_per_class=2, weight_decay=1e-2, classes=(0, 1, 2)):
+    selected = data.select(data.load_dataset("digits"), n_per_class=n_per_class, classes=classes, seed=0)
+    model = MLP(n_out=len(classes), hidden=hidden, activation=activation)
+    images = jnp.asarray(selected.train_centered(), jnp.float64)
+    order = np.argsort(selected.train.labels, kind="stable")
+    images, labels = images[order], jnp.asarray(selected.train.labels[order])
+    params, report = train_victim(model, init_params(model, jax.random.key(0), images.shape[1:], jnp.float64),
+                                  images, labels, TrainConfig(loss=loss, weight_decay=weight_decay, tol=1e-13))
+    assert report.stationary
+    problem = bilevel.Problem(victim_params=params, labels=labels,
+                              objective=make_objective(model.apply, loss, weight_decay))
+    return problem, images
+
+
+def _directional_fd(f, x, direction, eps):
+    return (f(x + eps * direction) - f(x - eps * direction)) / (2 * eps)
+
+
+@pytest.mark.parametrize("hidden, backend", [((), "jaxopt"), ((16,), "jaxopt"), ((), "custom_vjp"), ((16,), "custom_vjp")])
+def test_hypergradient_matches_central_differences(hidden, backend):
+    problem, truth = _victim(hidden, "gelu", "ce")
+    config = bilevel.BilevelConfig(inner=InnerConfig(**{**TIGHT.__dict__, "backend": backend}))
+    x = truth + 0.2 * jax.random.normal(jax.random.key(1), truth.shape, truth.dtype)
+    f = jax.jit(lambda x: bilevel.hypergradient(config, problem, x))
+    loss, grad = f(x)
+    assert loss > 1e-4
+    for seed in range(3):
+        direction = jax.random.normal(jax.random.key(10 + seed), x.shape, x.dtype)
+        fd = _directional_fd(lambda z: f(z)[0], x, direction, 1e-4)
+        assert abs(float(jnp.vdot(grad, direction)) - float(fd)) <= 1e-5 * abs(float(fd))
+
+
+def test_hypergradient_matches_closed_form_ridge_regression():
+    """Affine + MSE + λ_wd is ridge regression: Θ(X) = (X̃ᵀX̃/N + λI)⁻¹ X̃ᵀT/N with X̃ = [X, 1]."""
+    weight_decay = 1e-2
+    problem, truth = _victim((), "gelu", "mse", weight_decay=weight_decay)
+    n = truth.shape[0]
+    targets = jax.nn.one_hot(problem.labels, 3, dtype=jnp.float64)
+    star = problem.victim_params["params"]["layer_0"]
+    theta_star = jnp.concatenate([star["kernel"], star["bias"][None]])
+
+    def closed_form_loss(x):
+        aug = jnp.concatenate([x.reshape(n, -1), jnp.ones((n, 1))], axis=1)
+        theta = jnp.linalg.solve(aug.T @ aug / n + weight_decay * jnp.eye(aug.shape[1]), aug.T @ targets / n)
+        return jnp.sum((theta - theta_star) ** 2) / jnp.sum(theta_star ** 2)
+
+    np.testing.assert_allclose(closed_form_loss(truth), 0.0, atol=1e-20)  # θ* is exactly the ridge solution
+    x = truth + 0.3 * jax.random.normal(jax.random.key(2), truth.shape, truth.dtype)
+    exact_loss, exact_grad = jax.value_and_grad(closed_form_loss)(x)
+    for backend in ("jaxopt", "custom_vjp"):
+        config = bilevel.BilevelConfig(inner=InnerConfig(**{**TIGHT.__dict__, "backend": backend}))
+        loss, grad = jax.jit(lambda x: bilevel.hypergradient(config, problem, x))(x)
+        np.testing.assert_allclose(loss, exact_loss, rtol=1e-9)
+        assert float(jnp.linalg.norm(grad - exact_grad) / jnp.linalg.norm(exact_grad)) <= 1e-6
+
+
+@pytest.mark.parametrize("hidden, loss", [((), "ce"), ((16,), "ce"), ((), "mse")])
+def test_backends_agree(hidden, loss):
+    problem, truth = _victim(hidden, "gelu", loss)
+    x = truth + 0.3 * jax.random.normal(jax.random.key(3), truth.shape, truth.dtype)
+    grads = []
+    for backend in ("jaxopt", "custom_vjp"):
+        config = bilevel.BilevelConfig(inner=InnerConfig(**{**TIGHT.__dict__, "backend": backend}))
+        grads.append(jax.jit(lambda x: bilevel.hypergradient(config, problem, x))(x)[1])
+    assert float(jnp.linalg.norm(grads[0] - grads[1]) / jnp.linalg.norm(grads[0])) <= 1e-6
+
+
+def test_true_images_are_a_zero_of_the_outer_problem():
+    problem, truth = _victim((16,), "gelu", "ce")
+    config = bilevel.BilevelConfig(inner=TIGHT)
+    loss, grad = bilevel.hypergradient(config, problem, truth)
+    assert float(loss) < 1e-20 and float(jnp.max(jnp.abs(grad))) < 1e-8
+
+
+def test_adjoint_probe_and_cg_residual_match_explicit_hessian():
+    problem, truth = _victim((), "gelu", "ce", n_per_class=1)
+    config = bilevel.BilevelConfig(inner=TIGHT)
+    x0 = truth + 0.1 * jax.random.normal(jax.random.key(4), truth.shape, truth.dtype)
+    state = bilevel.init_state(config, problem, x0)
+    new_state, record = bilevel.outer_step(config, problem, bilevel.Hyper(learning_rate=0.01), state)
+    theta, unravel = jax.flatten_util.ravel_pytree(new_state.inner_params)
+    hessian = jax.hessian(lambda t: problem.objective(unravel(t), x0, problem.labels))(theta)
+    g = jax.grad(lambda t: bilevel.parameter_loss("l2", unravel(t), problem.victim_params))(theta)
+    v = jax.flatten_util.ravel_pytree(new_state.adjoint)[0]
+    np.testing.assert_allclose(v, jnp.linalg.solve(hessian, g), rtol=1e-7, atol=1e-12)
+    assert float(record["cg_residual"]) < 1e-10 and float(record["inner_grad_norm"]) <= 1e-12
+
+
+def test_prior_gradients_match_finite_differences():
+    x = jax.random.normal(jax.random.key(5), (2, 4, 5, 3), jnp.float64) * 1.5
+    for f in (lambda z: bilevel.box_penalty(z, -1.0, 1.0), lambda z: bilevel.total_variation(z, 1e-3)):
+        direction = jax.random.normal(jax.random.key(6), x.shape, x.dtype)
+        fd = _directional_fd(f, x, direction, 1e-6)
+        np.testing.assert_allclose(jnp.vdot(jax.grad(f)(x), direction), fd, rtol=1e-6)
+    assert float(bilevel.box_penalty(jnp.clip(x, -1, 1), -1.0, 1.0)) == 0.0
+    np.testing.assert_allclose(bilevel.total_variation(jnp.ones((1, 3, 3, 1)), 1e-3), 4 * 1e-3)
+
+
+def test_cosine_outer_loss_is_scale_invariant():
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[3.0]])}
+    scaled = jax.tree_util.tree_map(lambda p: 7.0 * p, params)
+    assert abs(float(bilevel.parameter_loss("cosine", scaled, params))) < 1e-15
+    assert float(bilevel.parameter_loss("l2", scaled, params)) == pytest.approx(36.0)
+
+
+def _batched(problem, config, x0, hyper, **kw):
+    return run_batched(lambda x, h: bilevel.init_state(config, problem, x),
+                       lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
+                       lambda s: bilevel.evaluate(config, problem, s), x0, hyper, steps=config.steps, **kw)
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    problem, truth = _victim((), "gelu", "ce", n_per_class=1)
+    config = bilevel.BilevelConfig(steps=6, inner=InnerConfig(tol=1e-11, cg_tol=1e-11))
+    x0 = 0.1 * jax.random.normal(jax.random.key(7), (4, *truth.shape), truth.dtype)
+    hyper = bilevel.Hyper(learning_rate=jnp.array([0.01, 0.02, 0.005, 0.01]),
+                          box_weight=jnp.zeros(4), tv_weight=jnp.array([0.0, 0.0, 0.0, 1e-3]))
+    return problem, config, x0, hyper
+
+
+def test_vmap_equals_a_loop_of_single_runs(small_run):
+    problem, config, x0, hyper = small_run
+    states, history, final = _batched(problem, config, x0, hyper)
+    for k in range(4):
+        h = jax.tree_util.tree_map(lambda a: a[k], hyper)
+        state, record = jax.jit(lambda s: bilevel.run_steps(config, problem, h, s, config.steps))(
+            bilevel.init_state(config, problem, x0[k]))
+        np.testing.assert_allclose(states.images[k], state.images, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(history["outer_loss"][k], record["outer_loss"], rtol=1e-9)
+    assert history["outer_loss"].shape == (4, 6) and final["outer_loss"].shape == (4,)
+    assert np.all(final["outer_loss"] < history["outer_loss"][:, 0])
+
+
+def test_chunks_and_segments_do_not_change_results(small_run):
+    problem, config, x0, hyper = small_run
+    whole = _batched(problem, config, x0, hyper)
+    chunked = _batched(problem, config, x0, hyper, chunk_size=3, segment=4)  # last chunk padded
+    np.testing.assert_allclose(chunked[0].images, whole[0].images, rtol=1e-9, atol=1e-12)
+    for name in whole[1]:
+        np.testing.assert_allclose(chunked[1][name], whole[1][name], rtol=1e-9, atol=1e-12)
+
+
+def test_a_diverging_initialisation_is_flagged_and_isolated(small_run):
+    problem, config, x0, hyper = small_run
+    poisoned = x0.at[2, 0, 0, 0, 0].set(jnp.nan)
+    clean = _batched(problem, config, x0, hyper)
+    states, history, final = _batched(problem, config, poisoned, hyper)
+    assert list(final["diverged"]) == [False, False, True, False]
+    keep = [0, 1, 3]
+    np.testing.assert_allclose(states.images[keep], clean[0].images[keep], rtol=1e-12)
+    assert np.all(np.isfinite(final["outer_loss"][keep]))
+
+
+def test_interrupted_run_resumes_to_the_same_result(small_run, tmp_path):
+    problem, config, x0, hyper = small_run
+    reference = _batched(problem, config, x0, hyper, chunk_size=2, segment=2)
+
+    def interrupt(done, total):
+        if done == 8:  # chunk 1 mid-way: chunk 0 finished, chunk 1 has 2 of 6 steps
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _batched(problem, config, x0, hyper, chunk_size=2, segment=2, checkpoint_dir=tmp_path, progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_0000.npz", "chunk_0001.npz"]
+    calls = []
+    resumed = _batched(problem, config, x0, hyper, chunk_size=2, segment=2, checkpoint_dir=tmp_path,
+                       progress=lambda done, total: calls.append(done))
+    assert calls == [10, 12]  # chunk 0 reused; chunk 1 continued from step 2
+    np.testing.assert_allclose(resumed[0].images, reference[0].images, rtol=1e-12)
+    for name in reference[1]:
+        np.testing.assert_allclose(resumed[1][name], reference[1][name], rtol=1e-12)

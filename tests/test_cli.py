@@ -1,0 +1,74 @@
+"""The command line: the train -> reconstruct pipeline on digits, and clear errors on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from recon_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "victim"
+    assert main(["train", "--dataset", "digits", "--n-per-class", "2", "--model", "affine", "--loss", "ce",
+                 "--weight-decay", "1e-3", "--dtype", "float64", "--seed", "0", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_a_certified_victim(victim, capsys):
+    meta = json.loads((victim / "victim.json").read_text())
+    assert meta["stationary"] and meta["grad_norm"] <= 1e-8 and meta["n_params"] == 64 * 10 + 10
+    assert "digits" in json.dumps(meta["data"]["provenance"]["source"])
+    assert meta["data"]["provenance"]["selection"]["n_per_class"] == 2 and len(meta["data"]["train_indices"]) == 20
+    # Rerunning the same command reuses the folder.
+    assert main(["train", "--dataset", "digits", "--n-per-class", "2", "--model", "affine", "--out", str(victim)]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_train_two_hidden_layers_binary_task(tmp_path):
+    out = tmp_path / "binary"
+    assert main(["train", "--n-per-class", "5", "--binary-positive", "1,3,5,7,9", "--hidden", "32,32",
+                 "--bias", "1,0,0", "--first-layer-init-scale", "1e-2", "--loss", "logistic", "--out", str(out)]) == 0
+    meta = json.loads((out / "victim.json").read_text())
+    assert meta["model"]["hidden"] == [32, 32] and meta["model"]["n_out"] == 1
+    assert meta["label_counts"] == [5, 5] and meta["task"] == "binary"
+
+
+def test_reconstruct_writes_the_run_folder(victim, tmp_path):
+    out = tmp_path / "run"
+    assert main(["reconstruct", "--victim", str(victim), "--method", "bilevel", "--init", "gaussian:0.1",
+                 "--n-inits", "3", "--steps", "20", "--lr", "0.01", "--seed", "0", "--out", str(out)]) == 0
+    with np.load(out / "reconstructions.npz") as f:
+        assert f["images"].shape == (3, 20, 8, 8, 1) and f["init_images"].shape == (3, 20, 8, 8, 1)
+        assert 0 <= f["images"].min() and f["images"].max() <= 1
+    with np.load(out / "history.npz") as f:
+        assert set(f.files) >= {"outer_loss", "inner_grad_norm", "inner_iterations", "cg_residual"}
+        assert f["outer_loss"].shape == (3, 20)
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["final_outer_loss"]) == 3 and run["seconds"] > 0 and "jax" in run["versions"]
+    assert run["spec"]["bilevel"]["steps"] == 20 and not (out / "chunks").exists()
+    assert all(final < first for final, first in zip(run["final_outer_loss"], np.load(out / "history.npz")["outer_loss"][:, 0]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["train", "--dataset", "idx:/nonexistent/folder"], "/nonexistent/folder"),
+    (["train", "--weight-decay", "-1"], "weight decay must be >= 0"),
+    (["train", "--activation", "swish"], "unknown activation 'swish'"),
+    (["train", "--n-per-class", "500"], "class"),
+    (["train", "--loss", "logistic"], "binary task"),
+    (["reconstruct", "--victim", "/nonexistent"], "not a victim folder"),
+])
+def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recon-jax: error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "victim.json").exists()
+
+
+@pytest.mark.parametrize("init, message", [("uniform:1", "unknown --init"), ("gaussian", "needs a value"),
+                                           ("interp:2", "<= 1")])
+def test_bad_init_is_refused_before_work(victim, init, message, tmp_path, capsys):
+    assert main(["reconstruct", "--victim", str(victim), "--init", init, "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
