@@ -104,7 +104,7 @@ def _add_reconstruct(sub) -> None:
                    help="gaussian:SIGMA, gt-noise:SIGMA, heldout, mean[:SIGMA] or interp:A (default gaussian:0.1)")
     p.add_argument("--n-inits", type=int, default=16, help="number of initialisations K (default 16)")
     p.add_argument("--steps", type=int, default=300, help="outer steps (default 300)")
-    p.add_argument("--lr", type=float, default=0.01, help="outer learning rate (default 0.01)")
+    p.add_argument("--lr", default="0.01", help="outer learning rate, or a comma list to sweep (default 0.01)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
     p.add_argument("--outer-loss", choices=("l2", "cosine"), default="l2",
@@ -112,8 +112,8 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--box", choices=("none", "penalty", "project"), default="none",
                    help="box prior on mean-subtracted pixels (bounds --box-bounds)")
     p.add_argument("--box-bounds", default="-1,1", help="lo,hi (default -1,1)")
-    p.add_argument("--box-weight", type=float, default=0.0, help="weight of the box penalty")
-    p.add_argument("--tv-weight", type=float, default=0.0, help="weight of total variation")
+    p.add_argument("--box-weight", default="0", help="weight of the box penalty (or a comma list)")
+    p.add_argument("--tv-weight", default="0", help="weight of total variation (or a comma list)")
     p.add_argument("--backend", choices=("jaxopt", "custom_vjp"), default="jaxopt", help="inner solver backend")
     p.add_argument("--inner-tol", type=float, default=None, help="inner ||grad L|| tolerance (default by dtype)")
     p.add_argument("--inner-maxiter", type=int, default=500)
@@ -154,8 +154,9 @@ def _run_reconstruct(args) -> int:
                                    momentum=args.momentum, box=args.box, box_bounds=(lo, hi),
                                    warm_start=args.warm_start, inner=inner)
     spec = reconstruct.ReconstructionSpec(
-        method=args.method, init=args.init, n_inits=args.n_inits, seed=args.seed, learning_rate=args.lr,
-        box_weight=args.box_weight, tv_weight=args.tv_weight, chunk_size=args.chunk_size, segment=args.segment,
+        method=args.method, init=args.init, n_inits=args.n_inits, seed=args.seed,
+        learning_rate=_floats(args.lr, "--lr"), box_weight=_floats(args.box_weight, "--box-weight"),
+        tv_weight=_floats(args.tv_weight, "--tv-weight"), chunk_size=args.chunk_size, segment=args.segment,
         dtype=args.dtype, bilevel=config)
     summary = reconstruct.reconstruct(
         args.victim, args.out, spec, overwrite=args.overwrite,
@@ -166,6 +167,15 @@ def _run_reconstruct(args) -> int:
                       "diverged": int(np.sum(summary["diverged"])), "seconds": summary["seconds"]}, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+
+def _floats(text: str, flag: str) -> float | tuple[float, ...]:
+    """"0.01" -> 0.01; "0.01,0.1" -> (0.01, 0.1): a list sweeps the value in one vmapped program."""
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError as err:
+        raise ReconJaxError(f"{flag} takes a number or a comma-separated list, got {text!r}") from err
+    return values[0] if len(values) == 1 else values
 
 
 def _add_datasets(sub) -> None:

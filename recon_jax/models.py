@@ -31,14 +31,39 @@ from recon_jax.errors import ConfigError
 
 ACTIVATIONS = ("relu", "gelu", "softplus", "tanh")
 SMOOTH_ACTIVATIONS = ("gelu", "softplus", "tanh")
+# Only for the attacked copy of a relu network (KKT attack, BRIEF §3); never for training.
+ATTACK_ACTIVATIONS = ("modified_relu",)
 
 
-def activation_fn(name: str, softplus_beta: float = 1.0) -> Callable[[jax.Array], jax.Array]:
+@jax.custom_jvp
+def modified_relu(z: jax.Array, alpha: jax.Array) -> jax.Array:
+    """ReLU forward, sigmoid(α z) as its derivative (Haim et al. 2022):
+
+        σ(z) = max(z, 0),   σ'(z) := sigmoid(α z),   σ''(z) = α sigmoid(α z)(1 − sigmoid(α z)).
+
+    With the true relu, σ'' = 0 almost everywhere and the KKT attack's second derivatives
+    through the network vanish. ``alpha`` may be a traced value (vmapped sweeps). The
+    tangent rule is written in differentiable JAX ops, so higher derivatives follow from it.
+    """
+    return jax.nn.relu(z)
+
+
+@modified_relu.defjvp
+def _modified_relu_jvp(primals, tangents):
+    z, alpha = primals
+    z_dot, _ = tangents  # α is a hyperparameter: no derivative with respect to it
+    return jax.nn.relu(z), jax.nn.sigmoid(alpha * z) * z_dot
+
+
+def activation_fn(name: str, softplus_beta: float = 1.0, alpha: float = 100.0) -> Callable[[jax.Array], jax.Array]:
     """Return σ for an activation name.
 
     softplus with sharpness β is σ(z) = log(1 + exp(βz)) / β, which tends to relu as β → ∞.
-    gelu is the exact (erf) form, so second derivatives are exact too.
+    gelu is the exact (erf) form, so second derivatives are exact too. ``modified_relu``
+    (attack copies only) uses ``alpha``, see ``modified_relu``.
     """
+    if name == "modified_relu":
+        return lambda z: modified_relu(z, jnp.asarray(alpha, z.dtype))
     if name == "relu":
         return jax.nn.relu
     if name == "gelu":
@@ -63,6 +88,8 @@ class MLP(nn.Module):
       use_bias: one bool for all layers, or one per layer (``len(hidden) + 1``).
       first_layer_init_scale: if set, the first kernel is drawn N(0, s²) (the reference
         uses s = 1e-4); otherwise LeCun-normal like the other layers.
+      alpha: sharpness α of ``modified_relu`` (attack copies only; may be traced, so an
+        attacked copy ``model.clone(activation="modified_relu", alpha=a)`` can be vmapped over a).
 
     ``__call__`` maps images (n, h, w, c) (or one image (h, w, c)) to outputs (n, n_out).
     Parameters are ``{"params": {"layer_0": {"kernel": (d_in, d_1), "bias": (d_1,)}, ...}}``.
@@ -74,6 +101,7 @@ class MLP(nn.Module):
     softplus_beta: float = 1.0
     use_bias: bool | tuple[bool, ...] = True
     first_layer_init_scale: float | None = None
+    alpha: float = 100.0
 
     def __post_init__(self):
         # Validate before any parameter is created, so a bad config fails fast.
@@ -81,7 +109,10 @@ class MLP(nn.Module):
             raise ConfigError(f"n_out must be >= 1, got {self.n_out}")
         if any(int(h) < 1 for h in self.hidden):
             raise ConfigError(f"hidden widths must be >= 1, got {self.hidden}")
-        activation_fn(self.activation, self.softplus_beta)
+        if self.activation not in ACTIVATIONS + ATTACK_ACTIVATIONS:
+            activation_fn(self.activation)  # raises the "unknown activation" error
+        if self.activation == "softplus":
+            activation_fn(self.activation, self.softplus_beta)
         n_layers = len(self.hidden) + 1
         if not isinstance(self.use_bias, bool) and len(self.use_bias) != n_layers:
             raise ConfigError(
@@ -102,7 +133,7 @@ class MLP(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         single = images.ndim == 3
         h = images.reshape((1 if single else images.shape[0], -1))
-        sigma = activation_fn(self.activation, self.softplus_beta)
+        sigma = activation_fn(self.activation, self.softplus_beta, self.alpha)
         widths = tuple(self.hidden) + (self.n_out,)
         for i, (width, bias) in enumerate(zip(widths, self.layer_biases)):
             kernel_init = nn.initializers.lecun_normal()

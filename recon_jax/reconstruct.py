@@ -4,7 +4,8 @@
 
 writes
 
-    out_dir/reconstructions.npz   images, init_images (K, N, h, w, c) in [0,1]; centered and
+    out_dir/reconstructions.npz   images, init_images (K, N, h, w, c) in [0,1] (K = runs =
+                                  initialisations × hyperparameter grid); centered and
                                   init_centered (mean-subtracted, as optimised); labels (N,)
     out_dir/history.npz           per step (K, steps): outer_loss, objective, inner_grad_norm,
                                   inner_iterations, cg_residual
@@ -21,6 +22,7 @@ counts. The victim's ``data.npz`` is read for evaluation-side work only: mapping
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import shutil
@@ -48,15 +50,21 @@ METHODS = ("bilevel",)
 
 @dataclasses.dataclass(frozen=True)
 class ReconstructionSpec:
-    """One reconstruction run: K initialisations of one method against one victim."""
+    """One reconstruction run: initialisations × hyperparameters of one method against one victim.
+
+    ``learning_rate``, ``box_weight`` and ``tv_weight`` take one value or a tuple; the run is
+    the grid n_inits × |lr| × |box_weight| × |tv_weight| (initialisation-major: every
+    hyperparameter combination sees the same initial images), K = the grid size, all in one
+    vmapped program.
+    """
 
     method: str = "bilevel"
     init: str = "gaussian:0.1"
     n_inits: int = 16
     seed: int = 0
-    learning_rate: float = 0.01
-    box_weight: float = 0.0
-    tv_weight: float = 0.0
+    learning_rate: float | tuple[float, ...] = 0.01
+    box_weight: float | tuple[float, ...] = 0.0
+    tv_weight: float | tuple[float, ...] = 0.0
     chunk_size: int | None = None  # None: chosen from free memory
     segment: int = 100  # outer steps between checkpoints
     dtype: str | None = None  # None: the victim's dtype
@@ -68,15 +76,24 @@ class ReconstructionSpec:
         parse_init(self.init)
         if self.n_inits < 1:
             raise ConfigError(f"--n-inits must be >= 1, got {self.n_inits}")
-        if not self.learning_rate > 0:
+        if not all(lr > 0 for lr in _values(self.learning_rate)):
             raise ConfigError(f"--lr must be > 0, got {self.learning_rate}")
-        if self.box_weight < 0 or self.tv_weight < 0:
+        if any(w < 0 for w in _values(self.box_weight) + _values(self.tv_weight)):
             raise ConfigError("prior weights must be >= 0")
         if self.segment < 1:
             raise ConfigError(f"segment must be >= 1, got {self.segment}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def hyper_grid(self) -> list[tuple[float, float, float]]:
+        """(lr, box_weight, tv_weight) combinations, in the order runs are laid out per init."""
+        return list(itertools.product(_values(self.learning_rate), _values(self.box_weight),
+                                      _values(self.tv_weight)))
+
+
+def _values(value) -> tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value),)
 
 
 def problem_from_victim(victim: checkpoint.Victim) -> bilevel.Problem:
@@ -156,11 +173,14 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
                         ground_truth=truth, dtype=dtype)
     if not np.all(np.isfinite(x0)):
         raise ConfigError("initial images contain non-finite values")
-    hyper = bilevel.Hyper(learning_rate=jnp.full(spec.n_inits, spec.learning_rate, dtype),
-                          box_weight=jnp.full(spec.n_inits, spec.box_weight, dtype),
-                          tv_weight=jnp.full(spec.n_inits, spec.tv_weight, dtype))
+    grid = np.asarray(spec.hyper_grid(), dtype)  # (G, 3)
+    n_runs = spec.n_inits * len(grid)
+    x0 = np.repeat(x0, len(grid), axis=0)  # run r uses init r // G and hyperparameters r % G
+    hyper_values = np.tile(grid, (spec.n_inits, 1))
+    hyper = bilevel.Hyper(learning_rate=jnp.asarray(hyper_values[:, 0]), box_weight=jnp.asarray(hyper_values[:, 1]),
+                          tv_weight=jnp.asarray(hyper_values[:, 2]))
     chunk_size = spec.chunk_size or auto_chunk_size(
-        spec.n_inits, bytes_per_init(victim, spec.bilevel, np.dtype(dtype).itemsize))
+        n_runs, bytes_per_init(victim, spec.bilevel, np.dtype(dtype).itemsize))
 
     config = spec.bilevel
     start = time.perf_counter()
@@ -183,6 +203,11 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
         "method": spec.method,
         "init": str(init_spec),
         "n_inits": spec.n_inits,
+        "n_runs": n_runs,
+        "run_init_index": (np.arange(n_runs) // len(grid)).tolist(),
+        "run_learning_rate": hyper_values[:, 0].tolist(),
+        "run_box_weight": hyper_values[:, 1].tolist(),
+        "run_tv_weight": hyper_values[:, 2].tolist(),
         "n_images": int(len(labels)),
         "image_shape": list(victim.image_shape),
         "chunk_size": chunk_size,

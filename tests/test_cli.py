@@ -72,3 +72,17 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
 def test_bad_init_is_refused_before_work(victim, init, message, tmp_path, capsys):
     assert main(["reconstruct", "--victim", str(victim), "--init", init, "--out", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_hyperparameter_lists_become_one_vmapped_grid(victim, tmp_path):
+    out = tmp_path / "grid"
+    assert main(["reconstruct", "--victim", str(victim), "--n-inits", "2", "--lr", "0.01,0.05", "--tv-weight", "0",
+                 "--steps", "5", "--init", "heldout", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_runs"] == 4 and run["run_learning_rate"] == [0.01, 0.05, 0.01, 0.05]
+    assert run["run_init_index"] == [0, 0, 1, 1]
+    with np.load(out / "reconstructions.npz") as f:
+        assert f["images"].shape[0] == 4
+        np.testing.assert_array_equal(f["init_centered"][0], f["init_centered"][1])  # same init, two lrs
+        assert not np.array_equal(f["init_centered"][0], f["init_centered"][2])      # a different held-out draw
+        assert not np.allclose(f["centered"][0], f["centered"][1])                   # the lr mattered
