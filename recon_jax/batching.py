@@ -2,7 +2,7 @@
 
 The method is given as two plain functions of ONE initialisation,
 
-    init(x0, hyper) -> state                  run(state, hyper, n_steps) -> (state, history)
+    init(x0, hyper) -> state      run(state, hyper, n_steps) -> (state, history)      finish(state, hyper) -> dict
 
 and ``run_batched`` applies ``jax.vmap`` at the edge: K initialisations are split into
 chunks of at most ``chunk_size`` (the last chunk is padded by repeating its final element,
@@ -100,7 +100,7 @@ def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, s
                 progress: Callable[[int, int], None] | None = None):
     """vmap ``init``/``run``/``finish`` over the leading axis of ``x0`` (K, ...) and ``hyper``.
 
-    ``finish(state) -> dict`` gives final per-initialisation figures. Returns
+    ``finish(state, hyper) -> dict`` gives final per-initialisation figures. Returns
     ``(states, history, final)``: the final states (leading axis K), ``{name: (K, steps)}``,
     and ``{name: (K,)}``. ``progress(steps_done_total, steps_total)`` is called after each segment.
     """
@@ -137,7 +137,7 @@ def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, s
                 _save_chunk(path, state, history, done)
             if progress is not None:
                 progress(c * steps + done, total)
-        final = {k: np.asarray(v) for k, v in batched_finish(state).items()}
+        final = {k: np.asarray(v) for k, v in batched_finish(state, hyper_c).items()}
         keep = slice(0, len(index))
         states.append(_take(state, keep))
         histories.append({k: v[keep] for k, v in history.items()})

@@ -37,13 +37,18 @@ ATTACK_ACTIVATIONS = ("modified_relu",)
 
 @jax.custom_jvp
 def modified_relu(z: jax.Array, alpha: jax.Array) -> jax.Array:
-    """ReLU forward, sigmoid(α z) as its derivative (Haim et al. 2022):
+    """ReLU forward, sigmoid(α z) as its derivative (Haim et al. 2022), at every order:
 
-        σ(z) = max(z, 0),   σ'(z) := sigmoid(α z),   σ''(z) = α sigmoid(α z)(1 − sigmoid(α z)).
+        σ(z) = max(z, 0) exactly,   σ'(z) := sigmoid(α z),   σ''(z) = α sigmoid(α z)(1 − sigmoid(α z)).
 
-    With the true relu, σ'' = 0 almost everywhere and the KKT attack's second derivatives
-    through the network vanish. ``alpha`` may be a traced value (vmapped sweeps). The
-    tangent rule is written in differentiable JAX ops, so higher derivatives follow from it.
+    The JVP rule returns ``modified_relu`` itself as its primal output, so relu *values*
+    reached in higher-order differentiation are again differentiated with sigmoid(α z). This
+    matters for the KKT attack's double backward: G = ∇_θ[...] contains relu values (e.g.
+    ∇_{W₂} ∝ relu(z)), and the reference implementation (a PyTorch autograd Function)
+    differentiates those with sigmoid(α z) too; returning ``jax.nn.relu(z)`` would give them
+    the true step derivative. Equivalently, every derivative is that of softplus(α z)/α while
+    the value is relu's. With the true relu, σ'' = 0 almost everywhere and the attack's second
+    derivatives through the network vanish. ``alpha`` may be a traced (vmapped) value.
     """
     return jax.nn.relu(z)
 
@@ -52,7 +57,7 @@ def modified_relu(z: jax.Array, alpha: jax.Array) -> jax.Array:
 def _modified_relu_jvp(primals, tangents):
     z, alpha = primals
     z_dot, _ = tangents  # α is a hyperparameter: no derivative with respect to it
-    return jax.nn.relu(z), jax.nn.sigmoid(alpha * z) * z_dot
+    return modified_relu(z, alpha), jax.nn.sigmoid(alpha * z) * z_dot
 
 
 def activation_fn(name: str, softplus_beta: float = 1.0, alpha: float = 100.0) -> Callable[[jax.Array], jax.Array]:

@@ -28,7 +28,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -187,7 +186,7 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     states, history, final = run_batched(
         lambda x, h: bilevel.init_state(config, problem, x),
         lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
-        partial(bilevel.evaluate, config, problem),
+        lambda s, h: bilevel.evaluate(config, problem, s),
         jnp.asarray(x0), hyper, steps=config.steps, chunk_size=chunk_size, segment=spec.segment,
         checkpoint_dir=chunks, progress=progress)
     seconds = time.perf_counter() - start

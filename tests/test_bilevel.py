@@ -124,7 +124,7 @@ def test_cosine_outer_loss_is_scale_invariant():
 def _batched(problem, config, x0, hyper, **kw):
     return run_batched(lambda x, h: bilevel.init_state(config, problem, x),
                        lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
-                       lambda s: bilevel.evaluate(config, problem, s), x0, hyper, steps=config.steps, **kw)
+                       lambda s, h: bilevel.evaluate(config, problem, s), x0, hyper, steps=config.steps, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,418 @@
+"""KKT / stationarity reconstruction (Haim et al. 2022; DecoReco, Buzaglo et al. 2023; BRIEF §3).
+
+A network trained by gradient methods tends to a KKT point of margin maximisation (or,
+with weight decay, to a stationary point of the regularised loss), so that
+
+    θ* = Σ_j λ_j ∇_θ φ_j(θ*; x_j).
+
+The attack optimises m candidate images x (m, h, w, c) and multipliers λ to satisfy it:
+
+    L_KKT(x, λ) = S(θ*, G(x, λ))
+                + w_box Σ [relu(x − 1)² + relu(−1 − x)²]          (box prior, mean-subtracted images)
+                + w_λ Σ_j relu(λ_min − λ_j)²                       (λ_j ≥ λ_min, soft; not for regression)
+
+    G(x, λ) = ∇_θ [ (1/m) Σ_j λ_j φ_j(θ; x_j) ] |_{θ = θ*}        (a pytree shaped like θ*)
+
+with φ_j per task (Φ = the attacked network, outputs (m, C))
+
+    binary       φ_j = y_j Φ(x_j),  y_j = ±1 (labels 0/1 map to −1/+1)            λ: (m,)
+    multiclass   φ_j = Φ_{y_j}(x_j) − max_{k≠y_j} Φ_k(x_j)                         λ: (m,)
+    regression   Σ_j λ_j φ_j = Σ_j Σ_k λ_jk Φ_k(x_j),  λ free in sign             λ: (m,) if C = 1, else (m, C)
+
+The regression form is the stationarity condition of any weight-decayed training loss,
+∇L = (1/N) Σ_i Σ_k ∂ℓ/∂f_ik ∇_θ f_ik + λ_wd θ = 0, which needs one multiplier per sample
+*and output*: with one output it is the reference's λ_j Φ(x_j) (DecoReco, MSE with ±1
+targets); with C outputs (MSE on one-hot targets, or cross-entropy with weight decay) it
+keeps one multiplier per output rather than summing the outputs under one λ_j, which
+could not express θ* in general.
+
+The stationarity term S (``KKTConfig.stationarity``):
+
+    global      S = Σ_t ‖θ*_t − G_t‖²               (the reference; default)
+    per_tensor  S = Σ_t ‖θ*_t − G_t‖² / ‖θ*_t‖²     (each tensor relative; a tensor with θ*_t = 0
+                                                     counts absolutely, ‖G_t‖²)
+
+The reference code does not normalise: in both nivha/dataset_reconstruction and
+gonbuzaglo/decoreco, ``extraction.py::get_kkt_loss`` takes
+``torch.autograd.grad(outputs=λ·φ, inputs=model.parameters(), grad_outputs=ones/m)``
+(m = ``extraction_data_amount``, the number of candidates: that is the 1/m in G) and sums
+``(p − grad).pow(2).sum()`` over the parameter tensors, i.e. exactly ``global``.
+``get_verify_loss`` adds the box term with weight 1 and the λ term with weight 5, and
+skips the λ term for regression. ``per_tensor`` is our scale-free variant: each layer
+contributes its relative residual, so a layer with small weights is not drowned out.
+
+Differentiating L_KKT with respect to (x, λ) differentiates G, itself a gradient with
+respect to θ: a second derivative through the network, computed here as ``jax.grad`` of a
+loss that contains ``jax.grad`` over θ (the "double backward"). With plain relu the
+mixed derivative ∂²φ/∂θ∂x loses every term through σ'' = 0, so relu victims are attacked
+through a copy with ``modified_relu`` (relu forward, σ'(z) := sigmoid(α z), so
+σ'' = α s(1 − s)); smooth victims (gelu, softplus, tanh, affine) keep their activation
+and α is unused. G also contains relu *values* (e.g. ∇_{W_2} ∝ Σ_j λ_j y_j relu(z_j)); whether
+∂/∂x of those uses the true relu step (∇_x L_KKT is then the exact gradient of the computed
+L_KKT) or sigmoid(α z) (as the reference's PyTorch double backward does) is decided by
+the JVP rule of ``recon_jax.models.modified_relu``, not here.
+
+Optimisation follows the reference: SGD with momentum 0.9 on x and λ with separate
+learning rates (x: log-uniform 1e-5…1; λ: 1e-4), x₀ ~ N(0, σ²) with σ log-uniform
+1e-6…0.1, λ₀ ~ U[0, 1) (N(0, 1) for regression), α ~ U[10, 500], λ_min ~ U[0.01, 0.5]
+(the random-search ranges of ``reconstructions/*/sweep.txt`` in nivha/dataset_reconstruction),
+50,000 steps. Learning rates are applied outside optax so that they can be traced, and a
+sweep over (lr, σ, α, λ_min) is one vmapped program (``recon_jax.batching.run_batched``).
+
+Everything here is written for ONE run (one set of m candidates); batching happens outside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax import lax
+
+from recon_jax.errors import ConfigError
+from recon_jax.models import MLP
+from recon_jax.objectives import signed_labels, squared_norm
+
+if TYPE_CHECKING:
+    from recon_jax.checkpoint import Victim
+
+TASKS = ("binary", "multiclass", "regression")
+STATIONARITY = ("global", "per_tensor")
+OPTIMIZERS = ("sgd", "adam")
+BOX_BOUNDS = (-1.0, 1.0)
+
+# Random-search ranges of the reference sweeps (nivha/dataset_reconstruction,
+# reconstructions/{cifar10_vehicles_animals,mnist_odd_even}/sweep.txt).
+LR_X_RANGE = (1e-5, 1.0)  # log-uniform
+INIT_SCALE_RANGE = (1e-6, 0.1)  # log-uniform
+ALPHA_RANGE = (10.0, 500.0)  # uniform
+LAMBDA_MIN_RANGE = (0.01, 0.5)  # uniform
+REFERENCE_LR_LAMBDA = 1e-4  # ``--extraction_lambda_lr`` default
+
+
+@dataclasses.dataclass(frozen=True)
+class KKTConfig:
+    """Static settings of the KKT attack (hyperparameters that vmap live in ``Hyper``)."""
+
+    steps: int = 50_000
+    task: str = "binary"
+    stationarity: str = "global"
+    optimizer: str = "sgd"
+    momentum: float = 0.9  # sgd only
+    box_weight: float = 1.0
+    lambda_weight: float = 5.0  # binary and multiclass only
+
+    def __post_init__(self):
+        for name, value, allowed in (("task", self.task, TASKS), ("stationarity", self.stationarity, STATIONARITY),
+                                     ("optimizer", self.optimizer, OPTIMIZERS)):
+            if value not in allowed:
+                raise ConfigError(f"unknown KKT {name} {value!r}; choose one of {', '.join(allowed)}")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ConfigError(f"KKT steps must be an integer >= 0, got {self.steps!r}; the reference uses 50000")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"KKT momentum must be in [0, 1), got {self.momentum}; the reference uses 0.9")
+        for name, value in (("box_weight", self.box_weight), ("lambda_weight", self.lambda_weight)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"KKT {name} must be finite and >= 0, got {value}; the reference uses "
+                                  f"{1.0 if name == 'box_weight' else 5.0}")
+
+
+@struct.dataclass
+class Hyper:
+    """Per-run hyperparameters: scalars for one run, arrays of shape (R,) when vmapped.
+
+    lr_x: learning rate of the candidates x; lr_lambda: of the multipliers λ;
+    alpha: sharpness α of ``modified_relu`` (relu victims only);
+    lambda_min: the soft lower bound on λ (binary and multiclass only).
+    """
+
+    lr_x: jax.Array
+    lr_lambda: jax.Array = REFERENCE_LR_LAMBDA
+    alpha: jax.Array = 300.0  # ``--extraction_model_relu_alpha`` default of the reference
+    lambda_min: jax.Array = 0.05  # ``--extraction_min_lambda`` default of the reference
+
+
+@struct.dataclass
+class Problem:
+    """What the attacker knows: θ*, the architecture, and the m candidates' labels.
+
+    ``labels`` (m,) are class indices (binary: 0/1, read as −1/+1); None for regression,
+    whose φ uses no labels (m is then the leading axis of the candidates).
+    """
+
+    victim_params: dict
+    labels: jax.Array | None
+    model: MLP = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class KKTState:
+    """State of one run between steps."""
+
+    images: jax.Array  # x, (m, h, w, c), mean-subtracted
+    lambdas: jax.Array  # λ, (m,) or (m, C) (regression with C outputs)
+    opt_state: optax.OptState
+    step: jax.Array
+    diverged: jax.Array  # bool: a non-finite loss or gradient was met; the state froze there
+
+
+def attacked_model(model: MLP, alpha: jax.Array) -> MLP:
+    """The network the attack differentiates: relu victims get ``modified_relu`` with sharpness α
+    (possibly traced); other activations are used as trained."""
+    if model.activation == "relu":
+        return model.clone(activation="modified_relu", alpha=alpha)
+    return model
+
+
+def margins(task: str, outputs: jax.Array, labels: jax.Array | None) -> jax.Array:
+    """φ_j from the network outputs (m, C): (m,) for binary/multiclass, (m, C) for regression."""
+    if task == "binary":
+        return signed_labels(labels, outputs.dtype) * outputs[:, 0]
+    if task == "multiclass":
+        is_label = jax.nn.one_hot(labels, outputs.shape[-1], dtype=bool)
+        own = jnp.sum(jnp.where(is_label, outputs, 0.0), axis=-1)
+        runner_up = jnp.max(jnp.where(is_label, -jnp.inf, outputs), axis=-1)
+        return own - runner_up
+    if task == "regression":
+        return outputs
+    raise ConfigError(f"unknown KKT task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def combination_gradient(task: str, apply_fn: Callable, victim_params, images: jax.Array,
+                         labels: jax.Array | None, lambdas: jax.Array):
+    """G(x, λ) = ∇_θ [(1/m) Σ_j λ_j φ_j(θ; x_j)] at θ = θ*: a pytree shaped like θ*.
+
+    ``apply_fn(params, images (m,h,w,c)) -> (m, C)``. For regression λ (m,) or (m, C) is
+    contracted with the outputs (m, C), see the module docstring.
+    """
+    m = images.shape[0]
+
+    def weighted_margin_sum(params):
+        phi = margins(task, apply_fn(params, images), labels)
+        return jnp.sum(lambdas.reshape(phi.shape) * phi) / m
+
+    return jax.grad(weighted_margin_sum)(victim_params)
+
+
+def stationarity(kind: str, victim_params, combination) -> jax.Array:
+    """S(θ*, G): ``global`` Σ_t ‖θ*_t − G_t‖² or ``per_tensor`` Σ_t ‖θ*_t − G_t‖² / ‖θ*_t‖²
+    (‖θ*_t‖² read as 1 where it is 0); a scalar."""
+    residuals = jax.tree_util.tree_map(jnp.subtract, victim_params, combination)
+    if kind == "global":
+        return squared_norm(residuals)
+    if kind == "per_tensor":
+        # A tensor with θ*_t = 0 (e.g. an untrained zero bias) has no scale: it counts absolutely.
+        scales = [jnp.vdot(p, p) for p in jax.tree_util.tree_leaves(victim_params)]
+        return sum(jnp.vdot(r, r) / jnp.where(scale > 0, scale, 1.0)
+                   for r, scale in zip(jax.tree_util.tree_leaves(residuals), scales))
+    raise ConfigError(f"unknown KKT stationarity {kind!r}; choose one of {', '.join(STATIONARITY)}")
+
+
+def box_penalty(images: jax.Array) -> jax.Array:
+    """Σ relu(x − 1)² + relu(−1 − x)² over all pixels: (m,h,w,c) -> scalar."""
+    lo, hi = BOX_BOUNDS
+    return jnp.sum(jax.nn.relu(images - hi) ** 2 + jax.nn.relu(lo - images) ** 2)
+
+
+def lambda_penalty(lambdas: jax.Array, lambda_min: jax.Array) -> jax.Array:
+    """Σ_j relu(λ_min − λ_j)²: (m,) -> scalar."""
+    return jnp.sum(jax.nn.relu(lambda_min - lambdas) ** 2)
+
+
+def kkt_loss(config: KKTConfig, problem: Problem, hyper: Hyper, images: jax.Array, lambdas: jax.Array):
+    """(L_KKT(x, λ), terms) for candidates x (m,h,w,c) and multipliers λ.
+
+    terms = {stationarity, box_penalty, lambda_penalty}, the three summands of L_KKT (already
+    weighted by w_box and w_λ; lambda_penalty is 0 for regression), plus relative_residual
+    ‖θ* − G‖ / ‖θ*‖ over all parameters: a scale-free figure, comparable across victims.
+    """
+    apply_fn = attacked_model(problem.model, hyper.alpha).apply
+    combination = combination_gradient(config.task, apply_fn, problem.victim_params, images, problem.labels, lambdas)
+    residual = jax.tree_util.tree_map(jnp.subtract, problem.victim_params, combination)
+    terms = {"stationarity": stationarity(config.stationarity, problem.victim_params, combination),
+             "box_penalty": config.box_weight * box_penalty(images)}
+    if config.task == "regression":
+        terms["lambda_penalty"] = jnp.zeros((), terms["stationarity"].dtype)
+    else:
+        terms["lambda_penalty"] = config.lambda_weight * lambda_penalty(lambdas, hyper.lambda_min)
+    total = terms["stationarity"] + terms["box_penalty"] + terms["lambda_penalty"]
+    terms["relative_residual"] = jnp.sqrt(squared_norm(residual) / squared_norm(problem.victim_params))
+    return total, terms
+
+
+def _optimizer(config: KKTConfig) -> optax.GradientTransformation:
+    # Learning rates are applied outside, so that they can be traced, vmapped values.
+    if config.optimizer == "adam":
+        return optax.scale_by_adam()
+    return optax.trace(decay=config.momentum)
+
+
+def _check_shapes(config: KKTConfig, problem: Problem, images: jax.Array, lambdas: jax.Array) -> None:
+    """Static shape checks (shapes are concrete even under jit/vmap)."""
+    m, n_out = images.shape[0], problem.model.n_out
+    if config.task == "binary" and n_out != 1:
+        raise ConfigError(f"task 'binary' needs a victim with one output, this one has {n_out}; use task 'multiclass'")
+    if config.task == "multiclass" and n_out < 2:
+        raise ConfigError("task 'multiclass' needs a victim with >= 2 outputs; use task 'binary' for one output")
+    if config.task == "regression":
+        expected = (m,) if n_out == 1 else (m, n_out)
+    else:
+        if problem.labels is None or tuple(problem.labels.shape) != (m,):
+            shape = None if problem.labels is None else tuple(problem.labels.shape)
+            raise ConfigError(f"task {config.task!r} needs labels of shape ({m},) for the {m} candidates, got "
+                              f"{shape}; build them with kkt.candidate_labels")
+        expected = (m,)
+    if tuple(lambdas.shape) != expected:
+        raise ConfigError(f"multipliers λ have shape {tuple(lambdas.shape)}, expected {expected} for task "
+                          f"{config.task!r} with {m} candidates and {n_out} outputs; use kkt.initial_lambdas")
+
+
+def init_state(config: KKTConfig, problem: Problem, images: jax.Array, lambdas: jax.Array) -> KKTState:
+    """The state before the first step, from candidates x₀ (m, h, w, c) and multipliers λ₀."""
+    _check_shapes(config, problem, images, lambdas)
+    return KKTState(images=images, lambdas=lambdas, opt_state=_optimizer(config).init((images, lambdas)),
+                    step=jnp.asarray(0), diverged=jnp.asarray(False))
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
+def step(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState):
+    """One optimiser step on (x, λ): x ← x − lr_x·u_x, λ ← λ − lr_λ·u_λ, with u from SGD momentum
+    (u ← μu + ∇) or Adam applied to ∇_(x,λ) L_KKT (a double backward, see module doc).
+
+    Returns (new_state, record) with record = {kkt_loss, stationarity, box_penalty,
+    lambda_penalty, relative_residual} at the state *before* the update. A non-finite loss
+    or gradient freezes this run and sets ``diverged``; other runs in a vmapped batch are
+    unaffected.
+    """
+    (total, terms), grads = jax.value_and_grad(
+        lambda x, lam: kkt_loss(config, problem, hyper, x, lam), argnums=(0, 1), has_aux=True)(
+        state.images, state.lambdas)
+    updates, opt_state = _optimizer(config).update(grads, state.opt_state, (state.images, state.lambdas))
+    images = state.images - hyper.lr_x * updates[0]
+    lambdas = state.lambdas - hyper.lr_lambda * updates[1]
+
+    ok = jnp.isfinite(total) & _all_finite(grads) & ~state.diverged
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = KKTState(images=keep(images, state.images), lambdas=keep(lambdas, state.lambdas),
+                         opt_state=keep(opt_state, state.opt_state), step=state.step + 1, diverged=~ok)
+    return new_state, {"kkt_loss": total, **terms}
+
+
+def run_steps(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState, n_steps: int):
+    """``n_steps`` steps as one ``lax.scan``: (state, {name: (n_steps,)} history)."""
+    return lax.scan(lambda s, _: step(config, problem, hyper, s), state, None, length=n_steps)
+
+
+def evaluate(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState) -> dict:
+    """Final per-run scalars at the current (x, λ): kkt_loss, stationarity, relative_residual
+    (see ``kkt_loss``) and diverged. No gradient, no update."""
+    total, terms = kkt_loss(config, problem, hyper, state.images, state.lambdas)
+    return {"kkt_loss": total, "stationarity": terms["stationarity"],
+            "relative_residual": terms["relative_residual"], "diverged": state.diverged}
+
+
+def candidate_labels(label_counts: Sequence[int], m: int | None = None, task: str = "binary") -> np.ndarray | None:
+    """Labels (m,) of the m candidates, sorted by class; None for regression (φ uses no labels).
+
+    m defaults to 2N (N = Σ label_counts), as in the reference. The candidates are
+    class-balanced: each of the C classes gets ⌊m/C⌋, and the first m mod C classes one
+    more (binary: half label 0, i.e. y = −1, and half label 1, y = +1, like the reference's
+    ``data_extraction``).
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown KKT task {task!r}; choose one of {', '.join(TASKS)}")
+    n_classes, n_train = len(label_counts), int(sum(label_counts))
+    m = 2 * n_train if m is None else int(m)
+    if task == "regression":
+        if m < 1:
+            raise ConfigError(f"the number of candidates must be >= 1, got {m}")
+        return None
+    if task == "binary" and n_classes != 2:
+        raise ConfigError(f"task 'binary' needs 2 classes, the victim has {n_classes}; use task 'multiclass'")
+    if m < n_classes:
+        raise ConfigError(f"{m} candidates cannot cover {n_classes} classes; use m >= {n_classes} (default 2N)")
+    per_class = [m // n_classes + (c < m % n_classes) for c in range(n_classes)]
+    return np.repeat(np.arange(n_classes), per_class).astype(np.int32)
+
+
+def initial_lambdas(key: jax.Array, m: int, task: str, n_outputs: int = 1, dtype=None) -> jax.Array:
+    """λ₀: U[0, 1) of shape (m,) for binary/multiclass; N(0, 1) for regression, of shape (m,)
+    for one output and (m, n_outputs) otherwise (free-sign multipliers, DecoReco)."""
+    dtype = jnp.zeros(()).dtype if dtype is None else dtype
+    if task == "regression":
+        return jax.random.normal(key, (m,) if n_outputs == 1 else (m, n_outputs), dtype)
+    if task not in TASKS:
+        raise ConfigError(f"unknown KKT task {task!r}; choose one of {', '.join(TASKS)}")
+    return jax.random.uniform(key, (m,), dtype)
+
+
+def sample_hyper(key: jax.Array, n_runs: int, lr_lambda: float = REFERENCE_LR_LAMBDA, dtype=None):
+    """The reference's random search, as arrays (n_runs,): (Hyper, init_scale).
+
+    lr_x ~ log-U[1e-5, 1], α ~ U[10, 500], λ_min ~ U[0.01, 0.5], lr_λ fixed (1e-4), and the
+    initial-candidate scale σ ~ log-U[1e-6, 0.1] (for x₀ ~ N(0, σ²); it is not a step
+    hyperparameter, so it is returned beside ``Hyper``).
+    """
+    if n_runs < 1:
+        raise ConfigError(f"the number of runs must be >= 1, got {n_runs}")
+    dtype = jnp.zeros(()).dtype if dtype is None else dtype
+    k_lr, k_scale, k_alpha, k_min = jax.random.split(key, 4)
+
+    def log_uniform(k, bounds):
+        lo, hi = math.log(bounds[0]), math.log(bounds[1])
+        return jnp.exp(jax.random.uniform(k, (n_runs,), dtype, lo, hi))
+
+    def uniform(k, bounds):
+        return jax.random.uniform(k, (n_runs,), dtype, *bounds)
+
+    hyper = Hyper(lr_x=log_uniform(k_lr, LR_X_RANGE), lr_lambda=jnp.full((n_runs,), lr_lambda, dtype),
+                  alpha=uniform(k_alpha, ALPHA_RANGE), lambda_min=uniform(k_min, LAMBDA_MIN_RANGE))
+    return hyper, log_uniform(k_scale, INIT_SCALE_RANGE)
+
+
+def problem_from_victim(victim: Victim, task: str, m: int | None = None) -> Problem:
+    """The attacker's view of a ``recon_jax.checkpoint.Victim``: θ*, its architecture, and
+    class-balanced labels for m candidates (default 2N, see ``candidate_labels``)."""
+    labels = candidate_labels(victim.label_counts, m, task)
+    return Problem(victim_params=victim.params, labels=None if labels is None else jnp.asarray(labels),
+                   model=victim.model)
+
+
+def flops_per_step(model: MLP, image_shape: Sequence[int], m: int) -> int:
+    """Analytic FLOP count of one KKT step for an MLP with widths d_0 = h·w·c, d_1, …, d_L.
+
+    This is the count the benchmarks use. A multiply-add is 2 FLOPs, so a dense layer on m
+    samples costs 2·m·d_{l−1}·d_l. With P = Σ_l d_{l−1} d_l (matmul weights only):
+
+      forward              z_l = h_{l−1} W_l                                2mP
+      θ-gradient (G)       ∇W_l = h_{l−1}ᵀ δ_l                              2mP
+                           δ_{l−1} = (δ_l W_lᵀ) ⊙ σ'(z_{l−1}),  l ≥ 2        2m(P − d_0 d_1)
+      double backward      reverse of z_l = h W (W = θ* is constant): one    2mP
+      (∂/∂x, ∂/∂λ)         matmul per layer, for the cotangent of h
+                           reverse of ∇W_l: both factors depend on x,        4mP
+                           two matmuls per layer
+                           reverse of δ_{l−1}: one matmul per layer l ≥ 2    2m(P − d_0 d_1)
+
+    Total 14·m·P − 4·m·d_0·d_1 (the affine model: 10·m·d_0·d_1).
+
+    These are model FLOPs in the MFU convention: matmuls only. Elementwise work is left
+    out: per candidate pixel the box penalty, its gradient, the optimiser update and the
+    NaN guard, and per hidden unit the activation with σ' and σ''. XLA's cost analysis of
+    the compiled step (CPU, float64, m = 32…40) counts 40–55 such FLOPs per pixel and a few
+    tens per hidden unit, so it exceeds this count by 2–5% for hidden widths ≥ 128
+    (e.g. 1.02 for 768-512-10, 1.05 for 192-128-128-1), but by 1.4× for an affine 10-class
+    model and 6.5× for an affine binary one, where the matmuls do only 10·C FLOPs per pixel.
+    """
+    dims = (math.prod(image_shape), *model.hidden, model.n_out)
+    weights = sum(d_in * d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
+    return 14 * m * weights - 4 * m * dims[0] * dims[1]
