@@ -1,7 +1,9 @@
 """``recon-jax`` command line: a thin layer that parses flags and calls the library.
 
     recon-jax train        train a victim to a certified stationary point   (recon_jax.victim)
-    recon-jax reconstruct  reconstruct its training images from θ*            (recon_jax.reconstruct)
+    recon-jax reconstruct  reconstruct its training images from θ* (bilevel or kkt) (recon_jax.reconstruct)
+    recon-jax sweep        random hyperparameter search, best runs pooled     (recon_jax.reconstruct)
+    recon-jax evaluate     judge a run against training and held-out images   (recon_jax.evaluation)
     recon-jax datasets     show where dataset names are looked up             (recon_jax.data)
 
 Errors in the input are reported as one line, ``recon-jax: error: ...``, with exit code 2.
@@ -94,52 +96,87 @@ def _run_train(args) -> int:
     return 0
 
 
-def _add_reconstruct(sub) -> None:
-    p = sub.add_parser("reconstruct", help="reconstruct training images from a victim's released weights",
-                       description="Run K initialisations of the bilevel attack as one vmapped, chunked, "
-                                   "resumable program; write reconstructions.npz, history.npz and run.json.")
+def _add_attack_args(p, *, sweep: bool) -> None:
+    """Flags shared by `reconstruct` and `sweep`."""
     p.add_argument("--victim", required=True, help="victim folder written by `recon-jax train`")
-    p.add_argument("--method", choices=("bilevel",), default="bilevel")
+    p.add_argument("--method", choices=("bilevel", "kkt"), default="bilevel")
     p.add_argument("--init", default="gaussian:0.1",
-                   help="gaussian:SIGMA, gt-noise:SIGMA, heldout, mean[:SIGMA] or interp:A (default gaussian:0.1)")
-    p.add_argument("--n-inits", type=int, default=16, help="number of initialisations K (default 16)")
-    p.add_argument("--steps", type=int, default=300, help="outer steps (default 300)")
-    p.add_argument("--lr", default="0.01", help="outer learning rate, or a comma list to sweep (default 0.01)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+                   help="gaussian:SIGMA, gt-noise:SIGMA, heldout, mean[:SIGMA] or interp:A (default gaussian:0.1"
+                        + ("; in a sweep a gaussian init uses each run's sampled SIGMA)" if sweep else ")"))
+    if sweep:
+        p.add_argument("--runs", type=int, required=True, help="random hyperparameter configurations R")
+        p.add_argument("--seeds", type=int, default=1, help="initial draws per configuration (default 1)")
+        p.add_argument("--pool", type=int, default=4, help="pool the candidates of the best P runs (default 4)")
+    else:
+        p.add_argument("--n-inits", type=int, default=16, help="number of initialisations K (default 16)")
+        p.add_argument("--pool", type=int, default=0, help="pool the candidates of the best P runs")
+    p.add_argument("--steps", type=int, default=None, help="outer steps (default: bilevel 300, kkt 5000)")
+    p.add_argument("--lr", default=None, help="learning rate (kkt: on x), or a comma list to sweep "
+                                              "(default: bilevel 0.01, kkt 0.01)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="default: bilevel adam, kkt sgd")
     p.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
-    p.add_argument("--outer-loss", choices=("l2", "cosine"), default="l2",
+    b = p.add_argument_group("bilevel")
+    b.add_argument("--outer-loss", choices=("l2", "cosine"), default="l2",
                    help="l2: ||theta - theta*||^2 / ||theta*||^2 (default); cosine: 1 - cos(theta, theta*)")
-    p.add_argument("--box", choices=("none", "penalty", "project"), default="none",
+    b.add_argument("--box", choices=("none", "penalty", "project"), default="none",
                    help="box prior on mean-subtracted pixels (bounds --box-bounds)")
-    p.add_argument("--box-bounds", default="-1,1", help="lo,hi (default -1,1)")
-    p.add_argument("--box-weight", default="0", help="weight of the box penalty (or a comma list)")
-    p.add_argument("--tv-weight", default="0", help="weight of total variation (or a comma list)")
-    p.add_argument("--backend", choices=("jaxopt", "custom_vjp"), default="jaxopt", help="inner solver backend")
-    p.add_argument("--inner-tol", type=float, default=None, help="inner ||grad L|| tolerance (default by dtype)")
-    p.add_argument("--inner-maxiter", type=int, default=500)
-    p.add_argument("--cg-ridge", type=float, default=1e-10)
-    p.add_argument("--cg-maxiter", type=int, default=200)
-    p.add_argument("--cg-tol", type=float, default=None, help="relative CG tolerance (default by dtype)")
-    p.add_argument("--warm-start", choices=("previous", "victim"), default="previous",
+    b.add_argument("--box-bounds", default="-1,1", help="lo,hi (default -1,1)")
+    b.add_argument("--box-weight", default=None, help="box penalty weight (or a comma list; bilevel default 0, "
+                                                      "kkt default 1, a single value)")
+    b.add_argument("--tv-weight", default="0", help="weight of total variation (or a comma list)")
+    b.add_argument("--backend", choices=("jaxopt", "custom_vjp"), default="jaxopt", help="inner solver backend")
+    b.add_argument("--inner-tol", type=float, default=None, help="inner ||grad L|| tolerance (default by dtype)")
+    b.add_argument("--inner-maxiter", type=int, default=500)
+    b.add_argument("--cg-ridge", type=float, default=1e-10)
+    b.add_argument("--cg-maxiter", type=int, default=200)
+    b.add_argument("--cg-tol", type=float, default=None, help="relative CG tolerance (default by dtype)")
+    b.add_argument("--warm-start", choices=("previous", "victim"), default="previous",
                    help="start each inner solve from the previous step's solution (default) or theta*")
-    p.add_argument("--chunk-size", type=int, default=None, help="initialisations per compiled batch "
-                                                                "(default: from free memory)")
+    k = p.add_argument_group("kkt")
+    k.add_argument("--task", choices=("binary", "multiclass", "regression"), default=None,
+                   help="default from the victim's loss: logistic->binary, ce->multiclass, mse->regression")
+    k.add_argument("--stationarity", choices=("global", "per_tensor"), default="global",
+                   help="global: sum over tensors of ||theta*_t - G_t||^2 (the reference); per_tensor: relative")
+    k.add_argument("--lr-lambda", type=float, default=1e-4, help="learning rate on lambda (reference 1e-4)")
+    k.add_argument("--alpha", default="300", help="modified-ReLU sharpness (relu victims), or a comma list")
+    k.add_argument("--lambda-min", default="0.05", help="lambda lower bound, or a comma list")
+    k.add_argument("--lambda-weight", type=float, default=5.0, help="weight of the lambda >= lambda_min hinge")
+    k.add_argument("--n-candidates", type=int, default=None, help="m candidates (default 2N)")
+    p.add_argument("--chunk-size", type=int, default=None, help="runs per compiled batch (default: from free memory)")
     p.add_argument("--segment", type=int, default=100, help="steps between resumable checkpoints")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default: the victim's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
-    p.set_defaults(func=_run_reconstruct)
+    p.set_defaults(func=_run_attack, sweep=sweep)
 
 
-def _run_reconstruct(args) -> int:
-    from recon_jax import bilevel, reconstruct
-    from recon_jax.checkpoint import read_json
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="reconstruct training images from a victim's released weights",
+                       description="Run K initialisations (x a hyperparameter grid) of the bilevel or KKT attack "
+                                   "as one vmapped, chunked, resumable program; write reconstructions.npz, "
+                                   "history.npz and run.json.")
+    _add_attack_args(p, sweep=False)
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="random hyperparameter search as one vmapped program, best runs pooled",
+                       description="Draw R configurations as in the reference (kkt: lr log-U[1e-5,1], init scale "
+                                   "log-U[1e-6,0.1], alpha U[10,500], lambda_min U[0.01,0.5]; bilevel: lr "
+                                   "log-U[1e-3,1e-1], init scale log-U[1e-3,0.3]) x seeds, run them in one "
+                                   "program, rank by final loss and pool the best runs' candidates.")
+    _add_attack_args(p, sweep=True)
+
+
+def _run_attack(args) -> int:
+    from recon_jax import bilevel, kkt, reconstruct
+    from recon_jax.artifacts import read_json
     from recon_jax.precision import enable_float64
     from recon_jax.solvers import InnerConfig
 
     victim_meta = Path(args.victim) / "victim.json"
-    dtype = args.dtype or (read_json(victim_meta)["train_config"]["dtype"] if victim_meta.is_file() else "float64")
+    meta = read_json(victim_meta) if victim_meta.is_file() else None
+    dtype = args.dtype or (meta["train_config"]["dtype"] if meta else "float64")
     if dtype == "float64":
         enable_float64()
     tight = dtype == "float64"
@@ -147,25 +184,64 @@ def _run_reconstruct(args) -> int:
         lo, hi = (float(t) for t in args.box_bounds.split(","))
     except ValueError as err:
         raise ReconJaxError(f"--box-bounds takes lo,hi, got {args.box_bounds!r}") from err
+    bilevel_method = args.method == "bilevel"
+    steps = args.steps if args.steps is not None else (300 if bilevel_method else 5000)
+    optimizer = args.optimizer or ("adam" if bilevel_method else "sgd")
+    box_weight = _floats(args.box_weight or ("0" if bilevel_method else "1"), "--box-weight")
     inner = InnerConfig(backend=args.backend, tol=args.inner_tol or (1e-10 if tight else 1e-5),
                         maxiter=args.inner_maxiter, cg_ridge=args.cg_ridge, cg_maxiter=args.cg_maxiter,
                         cg_tol=args.cg_tol or (1e-10 if tight else 1e-5))
-    config = bilevel.BilevelConfig(steps=args.steps, outer_loss=args.outer_loss, optimizer=args.optimizer,
-                                   momentum=args.momentum, box=args.box, box_bounds=(lo, hi),
-                                   warm_start=args.warm_start, inner=inner)
+    bilevel_config = bilevel.BilevelConfig(steps=steps, outer_loss=args.outer_loss, optimizer=optimizer,
+                                           momentum=args.momentum, box=args.box, box_bounds=(lo, hi),
+                                           warm_start=args.warm_start, inner=inner)
+    kkt_config = None
+    if not bilevel_method:
+        if isinstance(box_weight, tuple):
+            raise ReconJaxError("--box-weight takes a single value with --method kkt")
+        task = args.task or (reconstruct.KKT_TASK_OF_LOSS[meta["train_config"]["loss"]] if meta else "binary")
+        kkt_config = kkt.KKTConfig(steps=steps, task=task, stationarity=args.stationarity, optimizer=optimizer,
+                                   momentum=args.momentum, box_weight=box_weight, lambda_weight=args.lambda_weight)
     spec = reconstruct.ReconstructionSpec(
-        method=args.method, init=args.init, n_inits=args.n_inits, seed=args.seed,
-        learning_rate=_floats(args.lr, "--lr"), box_weight=_floats(args.box_weight, "--box-weight"),
-        tv_weight=_floats(args.tv_weight, "--tv-weight"), chunk_size=args.chunk_size, segment=args.segment,
-        dtype=args.dtype, bilevel=config)
+        method=args.method, init=args.init, n_inits=args.seeds if args.sweep else args.n_inits, seed=args.seed,
+        learning_rate=_floats(args.lr or "0.01", "--lr"),
+        box_weight=box_weight if bilevel_method else 0.0, tv_weight=_floats(args.tv_weight, "--tv-weight"),
+        lr_lambda=args.lr_lambda, alpha=_floats(args.alpha, "--alpha"),
+        lambda_min=_floats(args.lambda_min, "--lambda-min"), n_candidates=args.n_candidates,
+        random_search=args.runs if args.sweep else None, pool=args.pool, chunk_size=args.chunk_size,
+        segment=args.segment, dtype=args.dtype, bilevel=bilevel_config, kkt=kkt_config)
     summary = reconstruct.reconstruct(
         args.victim, args.out, spec, overwrite=args.overwrite,
         progress=lambda done, total: log.info("step %d / %d", done, total))
     losses = np.asarray(summary["final_outer_loss"], dtype=float)
-    print(json.dumps({"final_outer_loss": {"min": float(np.nanmin(losses)), "median": float(np.nanmedian(losses)),
-                                           "max": float(np.nanmax(losses))},
+    print(json.dumps({summary["final_loss_name"]: {"min": float(np.nanmin(losses)),
+                                                    "median": float(np.nanmedian(losses)),
+                                                    "max": float(np.nanmax(losses))},
+                      "runs": summary["n_runs"], "best_runs": summary["ranking"][:5],
                       "diverged": int(np.sum(summary["diverged"])), "seconds": summary["seconds"]}, indent=2))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="judge a run against the training set and the held-out pool",
+                       description="BRIEF section 4 protocol (NCC nearest neighbours, SSIM 3x3, PSNR, MSE, "
+                                   "Hungarian matching, good counts) against the training set AND the held-out "
+                                   "pool, plus membership AUC; writes evaluation.json and evaluation.npz.")
+    p.add_argument("--run", required=True, help="run folder written by `recon-jax reconstruct` or `sweep`")
+    p.add_argument("--victim", default=None, help="victim folder (default: the one the run used)")
+    p.add_argument("--pooled", action="store_true", help="evaluate pooled.npz instead of all runs' candidates")
+    p.add_argument("--plain-l2", action="store_true", help="nearest neighbours by plain L2 (e.g. MNIST)")
+    p.add_argument("--good-threshold", type=float, default=0.4)
+    p.add_argument("--no-best-ssim", action="store_true", help="skip the all-pairs SSIM (slow on CPU)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from recon_jax.evaluation import evaluate_run
+
+    summary = evaluate_run(args.run, victim_dir=args.victim, pooled=args.pooled, plain_l2=args.plain_l2,
+                           good_threshold=args.good_threshold, best_ssim=not args.no_best_ssim)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -211,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_reconstruct(sub)
+    _add_sweep(sub)
+    _add_evaluate(sub)
     _add_datasets(sub)
     return parser
 

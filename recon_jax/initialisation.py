@@ -71,12 +71,25 @@ def _heldout_draws(rng, k: int, labels: np.ndarray, heldout_centered: np.ndarray
     return out
 
 
+def _truth_for_slots(labels: np.ndarray, truth: np.ndarray, truth_labels: np.ndarray) -> np.ndarray:
+    """(N_slots, h, w, c): slot j gets the next training image of class labels[j] (cycling)."""
+    out = np.empty((len(labels), *truth.shape[1:]), truth.dtype)
+    for c in np.unique(labels):
+        slots, pool = np.flatnonzero(labels == c), np.flatnonzero(truth_labels == c)
+        if len(pool) == 0:
+            raise ConfigError(f"no training image of class {c} to initialise from")
+        out[slots] = truth[pool[np.arange(len(slots)) % len(pool)]]
+    return out
+
+
 def initial_images(spec: InitSpec, n_inits: int, labels: np.ndarray, image_shape, *, seed: int,
                    ground_truth: dict | None = None, dtype=np.float64) -> np.ndarray:
     """x₀ of shape (K, N, h, w, c), mean-subtracted, for ``labels`` (N,).
 
-    ``ground_truth`` is the victim's ``data.npz`` content with ``train_images`` sorted to
-    match ``labels`` (see ``recon_jax.reconstruct``); only ``gaussian`` works without it.
+    ``ground_truth`` is the victim's ``data.npz`` content; only ``gaussian`` works without
+    it. Oracle initialisations pair slot j with a training image of class ``labels[j]``,
+    cycling through that class's images in order, so N slots sorted by class get the N
+    training images, and m = 2N candidates (KKT) get each training image twice.
     """
     if n_inits < 1:
         raise ConfigError(f"--n-inits must be >= 1, got {n_inits}")
@@ -92,7 +105,7 @@ def initial_images(spec: InitSpec, n_inits: int, labels: np.ndarray, image_shape
         return (heldout_centered.mean(axis=0) + spec.value * rng.standard_normal(shape)).astype(dtype)
     if spec.kind == "heldout":
         return _heldout_draws(rng, n_inits, labels, heldout_centered, ground_truth["heldout_labels"]).astype(dtype)
-    truth = ground_truth["train_images"] - mean
+    truth = _truth_for_slots(labels, ground_truth["train_images"] - mean, ground_truth["train_labels"])
     if spec.kind == "gt-noise":
         return (truth[None] + spec.value * rng.standard_normal(shape)).astype(dtype)
     heldout = _heldout_draws(rng, n_inits, labels, heldout_centered, ground_truth["heldout_labels"])

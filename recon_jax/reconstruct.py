@@ -1,21 +1,27 @@
-"""Reconstruction runs: a victim folder in, a run folder out. The API behind ``recon-jax reconstruct``.
+"""Reconstruction runs: a victim folder in, a run folder out. The API behind ``recon-jax
+reconstruct`` and ``recon-jax sweep``, for both methods.
 
-    reconstruct(victim_dir, out_dir, ReconstructionSpec(...)) -> run summary (dict)
+    reconstruct(victim_dir, out_dir, ReconstructionSpec(method="bilevel" | "kkt", ...)) -> summary
 
-writes
+A run is K = initialisations × hyperparameter settings of one method, executed as one
+vmapped, chunked, resumable program (``recon_jax.batching``). The settings come either from
+a grid (comma lists on the command line) or from the reference's random search
+(``random_search=R``: R sampled configurations, each with its own initial scale). It writes
 
-    out_dir/reconstructions.npz   images, init_images (K, N, h, w, c) in [0,1] (K = runs =
-                                  initialisations × hyperparameter grid); centered and
-                                  init_centered (mean-subtracted, as optimised); labels (N,)
-    out_dir/history.npz           per step (K, steps): outer_loss, objective, inner_grad_norm,
-                                  inner_iterations, cg_residual
-    out_dir/run.json              resolved config, versions, seconds, final_outer_loss (K),
-                                  diverged (K), final inner figures (K)
+    out_dir/reconstructions.npz   images, init_images (K, m, h, w, c) in [0,1]; centered and
+                                  init_centered (mean-subtracted, as optimised); labels (m,)
+    out_dir/history.npz           per step (K, steps): the method's record (bilevel:
+                                  outer_loss, objective, inner_grad_norm, inner_iterations,
+                                  cg_residual; kkt: kkt_loss and its terms)
+    out_dir/run.json              resolved spec, versions, seconds, final_outer_loss (K: the
+                                  relative outer loss for bilevel, L_KKT for kkt), diverged (K),
+                                  each run's hyperparameters, and the runs ranked best first
+    out_dir/pooled.npz            (``pool`` > 0) the candidates of the best runs, pooled
     out_dir/chunks/               resumable per-chunk state (removed when the run completes)
 
-The attack itself uses only θ*, the architecture and recipe (victim.json) and the label
-counts. The victim's ``data.npz`` is read for evaluation-side work only: mapping results to
-[0,1] with the training mean, and the initialisations that the paper studies as oracles
+The attacks use only θ*, the architecture and recipe (victim.json) and the label counts.
+The victim's ``data.npz`` is read for evaluation-side work only: mapping results to [0,1]
+with the training mean, and the initialisations that the paper studies as oracles
 (``gt-noise``, ``interp``) or that use the held-out pool as public data (``heldout``, ``mean``).
 """
 
@@ -34,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recon_jax import bilevel, checkpoint
+from recon_jax import bilevel, checkpoint, kkt
 from recon_jax.artifacts import atomic_save_npz, atomic_write_json, json_roundtrip, read_json, versions
 from recon_jax.batching import auto_chunk_size, run_batched
 from recon_jax.errors import ConfigError
@@ -44,55 +50,87 @@ from recon_jax.objectives import make_objective
 from recon_jax.precision import resolve_dtype
 
 log = logging.getLogger(__name__)
-METHODS = ("bilevel",)
+METHODS = ("bilevel", "kkt")
+KKT_TASK_OF_LOSS = {"logistic": "binary", "ce": "multiclass", "mse": "regression"}
+BILEVEL_LR_RANGE = (1e-3, 1e-1)  # random search for bilevel sweeps: log-uniform learning rate
+BILEVEL_INIT_SCALE_RANGE = (1e-3, 0.3)  # and log-uniform gaussian init scale
 
 
 @dataclasses.dataclass(frozen=True)
 class ReconstructionSpec:
-    """One reconstruction run: initialisations × hyperparameters of one method against one victim.
+    """One run: initialisations × hyperparameters of one method against one victim.
 
-    ``learning_rate``, ``box_weight`` and ``tv_weight`` take one value or a tuple; the run is
-    the grid n_inits × |lr| × |box_weight| × |tv_weight| (initialisation-major: every
-    hyperparameter combination sees the same initial images), K = the grid size, all in one
-    vmapped program.
+    Grid mode (``random_search=None``): ``learning_rate`` and the method's weights take one
+    value or a tuple; K = n_inits × grid size, initialisation-major (every setting sees the
+    same initial images). Random-search mode (``random_search=R``): R configurations are
+    drawn as in the reference (``kkt.sample_hyper``, or log-uniform lr and init scale for
+    bilevel), each run with its own gaussian initial scale; K = n_inits × R.
     """
 
     method: str = "bilevel"
     init: str = "gaussian:0.1"
     n_inits: int = 16
     seed: int = 0
-    learning_rate: float | tuple[float, ...] = 0.01
-    box_weight: float | tuple[float, ...] = 0.0
+    learning_rate: float | tuple[float, ...] = 0.01  # bilevel: outer lr; kkt: lr on x
+    box_weight: float | tuple[float, ...] = 0.0  # bilevel prior weights
     tv_weight: float | tuple[float, ...] = 0.0
+    lr_lambda: float = kkt.REFERENCE_LR_LAMBDA  # kkt
+    alpha: float | tuple[float, ...] = 300.0  # kkt (relu victims)
+    lambda_min: float | tuple[float, ...] = 0.05  # kkt
+    n_candidates: int | None = None  # kkt: m (default 2N)
+    random_search: int | None = None
+    pool: int = 0  # pool the candidates of this many best runs into pooled.npz
     chunk_size: int | None = None  # None: chosen from free memory
-    segment: int = 100  # outer steps between checkpoints
+    segment: int = 100  # steps between checkpoints
     dtype: str | None = None  # None: the victim's dtype
     bilevel: bilevel.BilevelConfig = bilevel.BilevelConfig()
+    kkt: kkt.KKTConfig | None = None  # None: derived from the victim (task from its loss)
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         parse_init(self.init)
         if self.n_inits < 1:
             raise ConfigError(f"--n-inits must be >= 1, got {self.n_inits}")
-        if not all(lr > 0 for lr in _values(self.learning_rate)):
-            raise ConfigError(f"--lr must be > 0, got {self.learning_rate}")
+        if not all(lr > 0 for lr in _values(self.learning_rate)) or not self.lr_lambda > 0:
+            raise ConfigError(f"learning rates must be > 0, got {self.learning_rate} and {self.lr_lambda}")
         if any(w < 0 for w in _values(self.box_weight) + _values(self.tv_weight)):
             raise ConfigError("prior weights must be >= 0")
-        if self.segment < 1:
-            raise ConfigError(f"segment must be >= 1, got {self.segment}")
+        if self.random_search is not None and self.random_search < 1:
+            raise ConfigError(f"--runs must be >= 1, got {self.random_search}")
+        if self.segment < 1 or self.pool < 0:
+            raise ConfigError("segment must be >= 1 and pool >= 0")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hyper_grid(self) -> list[tuple[float, float, float]]:
-        """(lr, box_weight, tv_weight) combinations, in the order runs are laid out per init."""
-        return list(itertools.product(_values(self.learning_rate), _values(self.box_weight),
-                                      _values(self.tv_weight)))
+    def kkt_config(self, victim: checkpoint.Victim | None) -> kkt.KKTConfig:
+        if self.kkt is not None:
+            return self.kkt
+        if victim is None:
+            return kkt.KKTConfig()
+        return kkt.KKTConfig(task=KKT_TASK_OF_LOSS[victim.train_config.loss])
 
 
 def _values(value) -> tuple[float, ...]:
     return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value),)
+
+
+@dataclasses.dataclass
+class Program:
+    """A method made ready for ``run_batched``: single-run functions and batched inputs."""
+
+    init: Callable
+    run: Callable
+    finish: Callable
+    start: object  # pytree with leading axis K
+    hyper: object  # pytree with leading axis K
+    labels: np.ndarray  # (m,) labels of the m reconstructed images
+    init_centered: np.ndarray  # (K, m, h, w, c)
+    run_settings: dict  # name -> list (K) of per-run hyperparameters, for run.json
+    final_loss: str  # key of ``finish`` that is the run's objective
+    bytes_per_run: int
+    steps: int
 
 
 def problem_from_victim(victim: checkpoint.Victim) -> bilevel.Problem:
@@ -103,13 +141,106 @@ def problem_from_victim(victim: checkpoint.Victim) -> bilevel.Problem:
 
 
 def bytes_per_init(victim: checkpoint.Victim, config: bilevel.BilevelConfig, itemsize: int) -> int:
-    """Rough footprint of one initialisation: images ×4 (x, Adam moments, gradient), θ-sized
+    """Rough footprint of one bilevel run: images ×4 (x, Adam moments, gradient), θ-sized
     vectors (θ, warm starts, gradient, L-BFGS history 2m, CG 4), and activations."""
     n_params = count_params(victim.params)
     image_size = victim.n_train * int(np.prod(victim.image_shape))
     widths = sum(victim.model.hidden) + victim.model.n_out
     theta_vectors = 8 + 2 * config.inner.history_size + 4
     return itemsize * (4 * image_size + theta_vectors * n_params + 6 * victim.n_train * widths)
+
+
+def _kkt_bytes_per_run(victim: checkpoint.Victim, m: int, itemsize: int) -> int:
+    """Candidates and λ ×4 (value, momentum, gradient, update), θ-sized G and its cotangents ×4,
+    and per-candidate activations kept for the double backward (×8)."""
+    image_size = m * int(np.prod(victim.image_shape))
+    widths = sum(victim.model.hidden) + victim.model.n_out
+    return itemsize * (4 * image_size + 4 * count_params(victim.params) + 8 * m * widths)
+
+
+def _runs(spec: ReconstructionSpec, grid_names: tuple[str, ...], grid_values: tuple, sampled: dict | None,
+          n_settings: int) -> dict:
+    """Per-run hyperparameter lists (K,), initialisation-major."""
+    if sampled is not None:
+        return {name: np.tile(np.asarray(v), spec.n_inits) for name, v in sampled.items()}
+    grid = np.asarray(list(itertools.product(*grid_values)), float).reshape(n_settings, len(grid_names))
+    return {name: np.tile(grid[:, i], spec.n_inits) for i, name in enumerate(grid_names)}
+
+
+def _starting_images(spec, labels, victim, truth, dtype, n_settings, init_scale):
+    """x₀ (K, m, h, w, c): n_inits draws, each repeated for the n_settings hyperparameter settings;
+    in random-search mode with a gaussian init, each run is scaled by its own sampled σ."""
+    init_spec = parse_init(spec.init)
+    if init_scale is not None and init_spec.kind == "gaussian":
+        unit = initial_images(parse_init("gaussian:1"), spec.n_inits, labels, victim.image_shape, seed=spec.seed,
+                              dtype=dtype)
+        return np.repeat(unit, n_settings, axis=0) * np.tile(init_scale, spec.n_inits)[:, None, None, None, None]
+    x0 = initial_images(init_spec, spec.n_inits, labels, victim.image_shape, seed=spec.seed,
+                        ground_truth=truth, dtype=dtype)
+    return np.repeat(x0, n_settings, axis=0)
+
+
+def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
+    config = spec.bilevel
+    problem = problem_from_victim(victim)
+    labels = np.asarray(problem.labels)
+    sampled = init_scale = None
+    if spec.random_search:
+        rng = np.random.default_rng(spec.seed + 1)
+        log_u = lambda bounds: np.exp(rng.uniform(np.log(bounds[0]), np.log(bounds[1]), spec.random_search))
+        sampled = {"learning_rate": log_u(BILEVEL_LR_RANGE),
+                   "box_weight": np.full(spec.random_search, _values(spec.box_weight)[0]),
+                   "tv_weight": np.full(spec.random_search, _values(spec.tv_weight)[0])}
+        init_scale = log_u(BILEVEL_INIT_SCALE_RANGE)
+        n_settings = spec.random_search
+    else:
+        n_settings = len(_values(spec.learning_rate)) * len(_values(spec.box_weight)) * len(_values(spec.tv_weight))
+    runs = _runs(spec, ("learning_rate", "box_weight", "tv_weight"),
+                 (_values(spec.learning_rate), _values(spec.box_weight), _values(spec.tv_weight)), sampled, n_settings)
+    x0 = _starting_images(spec, labels, victim, truth, dtype, n_settings, init_scale)
+    if init_scale is not None:
+        runs["init_scale"] = np.tile(init_scale, spec.n_inits)
+    hyper = bilevel.Hyper(**{k: jnp.asarray(runs[k], dtype) for k in ("learning_rate", "box_weight", "tv_weight")})
+    return Program(
+        init=lambda x, h: bilevel.init_state(config, problem, x),
+        run=lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
+        finish=lambda s, h: bilevel.evaluate(config, problem, s),
+        start=jnp.asarray(x0), hyper=hyper, labels=labels, init_centered=x0, run_settings=runs,
+        final_loss="outer_loss", bytes_per_run=bytes_per_init(victim, config, np.dtype(dtype).itemsize),
+        steps=config.steps)
+
+
+def _kkt_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
+    config = spec.kkt_config(victim)
+    problem = kkt.problem_from_victim(victim, config.task, spec.n_candidates)
+    m = 2 * victim.n_train if spec.n_candidates is None else spec.n_candidates
+    labels = (np.asarray(problem.labels) if problem.labels is not None
+              else np.resize(victim.known_labels(), m))  # regression: labels only pair oracle inits
+    sampled = init_scale = None
+    if spec.random_search:
+        hyper, scale = kkt.sample_hyper(jax.random.key(spec.seed + 1), spec.random_search, spec.lr_lambda, dtype)
+        sampled = {"lr_x": hyper.lr_x, "lr_lambda": hyper.lr_lambda, "alpha": hyper.alpha,
+                   "lambda_min": hyper.lambda_min}
+        init_scale, n_settings = np.asarray(scale), spec.random_search
+    else:
+        n_settings = len(_values(spec.learning_rate)) * len(_values(spec.alpha)) * len(_values(spec.lambda_min))
+    runs = _runs(spec, ("lr_x", "lr_lambda", "alpha", "lambda_min"),
+                 (_values(spec.learning_rate), (spec.lr_lambda,), _values(spec.alpha), _values(spec.lambda_min)),
+                 sampled, n_settings)
+    x0 = _starting_images(spec, labels, victim, truth, dtype, n_settings, init_scale)
+    if init_scale is not None:
+        runs["init_scale"] = np.tile(init_scale, spec.n_inits)
+    n_outputs = victim.model.n_out if config.task == "regression" else 1
+    keys = jax.random.split(jax.random.key(spec.seed + 2), len(x0))
+    lambdas = jax.vmap(lambda k: kkt.initial_lambdas(k, m, config.task, n_outputs, dtype))(keys)
+    hyper = kkt.Hyper(**{k: jnp.asarray(runs[k], dtype) for k in ("lr_x", "lr_lambda", "alpha", "lambda_min")})
+    return Program(
+        init=lambda start, h: kkt.init_state(config, problem, *start),
+        run=lambda s, h, n: kkt.run_steps(config, problem, h, s, n),
+        finish=lambda s, h: kkt.evaluate(config, problem, h, s),
+        start=(jnp.asarray(x0), lambdas), hyper=hyper, labels=labels, init_centered=x0, run_settings=runs,
+        final_loss="kkt_loss", bytes_per_run=_kkt_bytes_per_run(victim, m, np.dtype(dtype).itemsize),
+        steps=config.steps)
 
 
 def sorted_ground_truth(directory) -> dict | None:
@@ -134,6 +265,12 @@ def to_unit(centered: np.ndarray, truth: dict | None) -> tuple[np.ndarray, str]:
     return ((centered - lo) / np.maximum(hi - lo, 1e-12)).astype(np.float32), "min-max scale per image"
 
 
+def rank_runs(final_loss: np.ndarray, diverged: np.ndarray) -> np.ndarray:
+    """Run indices best first: by final loss, diverged or non-finite runs last."""
+    key = np.where(diverged | ~np.isfinite(final_loss), np.inf, final_loss)
+    return np.argsort(key, kind="stable")
+
+
 def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec: ReconstructionSpec, *,
                 overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """Run ``spec`` against the victim in ``victim_dir`` and write ``out_dir`` (see module doc).
@@ -143,8 +280,7 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     out_dir = Path(out_dir)
     victim = checkpoint.load_victim(victim_dir, dtype=spec.dtype)
     dtype = resolve_dtype(spec.dtype or victim.train_config.dtype)
-    spec_json = {"victim": str(Path(victim_dir).resolve()), **spec.to_json()}
-    spec_json = json_roundtrip(spec_json)
+    spec_json = json_roundtrip({"victim": str(Path(victim_dir).resolve()), **spec.to_json()})
     if (out_dir / "run.json").is_file() and not overwrite:
         saved = read_json(out_dir / "run.json")
         if saved.get("spec") == spec_json:
@@ -152,77 +288,70 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
             return saved
         raise ConfigError(f"{out_dir} already holds a different run; choose another --out or pass --overwrite")
     if overwrite and out_dir.exists():
-        for name in ("run.json", "reconstructions.npz", "history.npz", "spec.json"):
+        for name in ("run.json", "reconstructions.npz", "history.npz", "pooled.npz", "spec.json"):
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(out_dir / "chunks", ignore_errors=True)
-    chunks = out_dir / "chunks"
     if (out_dir / "spec.json").is_file() and read_json(out_dir / "spec.json") != spec_json:
         raise ConfigError(f"{out_dir} holds an interrupted run with a different spec; use another --out "
                           "or pass --overwrite")
-    if not victim.report.get("stationary", False):
+    if spec.method == "bilevel" and not victim.report.get("stationary", False):
         log.warning("victim is not certified stationary (%s): theta* is not an exact argmin, so the bilevel "
                     "objective cannot reach 0 at the true images", victim.report.get("note", ""))
+
+    truth = sorted_ground_truth(victim_dir)
+    build = _bilevel_program if spec.method == "bilevel" else _kkt_program
+    program = build(spec, victim, truth, dtype)
+    if not np.all(np.isfinite(program.init_centered)):
+        raise ConfigError("initial images contain non-finite values")
+    n_runs = len(program.init_centered)
+    chunk_size = spec.chunk_size or auto_chunk_size(n_runs, program.bytes_per_run)
     atomic_write_json(out_dir / "spec.json", spec_json)
 
-    init_spec = parse_init(spec.init)
-    truth = sorted_ground_truth(victim_dir)
-    problem = problem_from_victim(victim)
-    labels = np.asarray(problem.labels)
-    x0 = initial_images(init_spec, spec.n_inits, labels, victim.image_shape, seed=spec.seed,
-                        ground_truth=truth, dtype=dtype)
-    if not np.all(np.isfinite(x0)):
-        raise ConfigError("initial images contain non-finite values")
-    grid = np.asarray(spec.hyper_grid(), dtype)  # (G, 3)
-    n_runs = spec.n_inits * len(grid)
-    x0 = np.repeat(x0, len(grid), axis=0)  # run r uses init r // G and hyperparameters r % G
-    hyper_values = np.tile(grid, (spec.n_inits, 1))
-    hyper = bilevel.Hyper(learning_rate=jnp.asarray(hyper_values[:, 0]), box_weight=jnp.asarray(hyper_values[:, 1]),
-                          tv_weight=jnp.asarray(hyper_values[:, 2]))
-    chunk_size = spec.chunk_size or auto_chunk_size(
-        n_runs, bytes_per_init(victim, spec.bilevel, np.dtype(dtype).itemsize))
-
-    config = spec.bilevel
     start = time.perf_counter()
     states, history, final = run_batched(
-        lambda x, h: bilevel.init_state(config, problem, x),
-        lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
-        lambda s, h: bilevel.evaluate(config, problem, s),
-        jnp.asarray(x0), hyper, steps=config.steps, chunk_size=chunk_size, segment=spec.segment,
-        checkpoint_dir=chunks, progress=progress)
+        program.init, program.run, program.finish, program.start, program.hyper, steps=program.steps,
+        chunk_size=chunk_size, segment=spec.segment, checkpoint_dir=out_dir / "chunks", progress=progress)
     seconds = time.perf_counter() - start
 
     centered = np.asarray(states.images)
     images, mapping = to_unit(centered, truth)
-    init_unit, _ = to_unit(x0, truth)
-    atomic_save_npz(out_dir / "reconstructions.npz", images=images, init_images=init_unit,
-                    centered=centered, init_centered=x0, labels=labels)
+    init_unit, _ = to_unit(program.init_centered, truth)
+    final_loss = np.asarray(final[program.final_loss], float)
+    diverged = np.asarray(final["diverged"], bool)
+    ranking = rank_runs(final_loss, diverged)
+    atomic_save_npz(out_dir / "reconstructions.npz", images=images, init_images=init_unit, centered=centered,
+                    init_centered=program.init_centered, labels=program.labels)
     atomic_save_npz(out_dir / "history.npz", **history)
+    if spec.pool:
+        best = ranking[: spec.pool]
+        atomic_save_npz(out_dir / "pooled.npz", images=images[best].reshape(-1, *images.shape[2:]),
+                        centered=centered[best].reshape(-1, *centered.shape[2:]),
+                        labels=np.tile(program.labels, len(best)), runs=np.repeat(best, len(program.labels)))
     summary = {
         "spec": spec_json,
         "method": spec.method,
-        "init": str(init_spec),
+        "init": str(parse_init(spec.init)),
         "n_inits": spec.n_inits,
         "n_runs": n_runs,
-        "run_init_index": (np.arange(n_runs) // len(grid)).tolist(),
-        "run_learning_rate": hyper_values[:, 0].tolist(),
-        "run_box_weight": hyper_values[:, 1].tolist(),
-        "run_tv_weight": hyper_values[:, 2].tolist(),
-        "n_images": int(len(labels)),
+        "n_images": int(len(program.labels)),
         "image_shape": list(victim.image_shape),
         "chunk_size": chunk_size,
         "dtype": np.dtype(dtype).name,
         "image_mapping": mapping,
         "victim_stationary": bool(victim.report.get("stationary", False)),
-        "final_outer_loss": final["outer_loss"].tolist(),
-        "final_inner_grad_norm": final["inner_grad_norm"].tolist(),
-        "inner_converged": (final["inner_grad_norm"] <= config.inner.tol).tolist(),
-        "diverged": final["diverged"].tolist(),
-        "best_outer_loss": float(np.nanmin(np.where(final["diverged"], np.nan, final["outer_loss"])))
-        if not np.all(final["diverged"]) else None,
+        "final_loss_name": program.final_loss,
+        "final_outer_loss": final_loss.tolist(),
+        "diverged": diverged.tolist(),
+        "ranking": ranking.tolist(),
+        "best_outer_loss": None if np.all(diverged) else float(final_loss[ranking[0]]),
+        "run_init_index": (np.arange(n_runs) // (n_runs // spec.n_inits)).tolist(),
+        **{f"run_{name}": np.asarray(v).tolist() for name, v in program.run_settings.items()},
+        **{f"final_{k}": np.asarray(v).tolist() for k, v in final.items() if k not in (program.final_loss, "diverged")},
         "seconds": seconds,
         "versions": versions(),
     }
+    if spec.method == "bilevel":
+        summary["inner_converged"] = (np.asarray(final["inner_grad_norm"]) <= spec.bilevel.inner.tol).tolist()
     atomic_write_json(out_dir / "run.json", summary)
-    shutil.rmtree(chunks, ignore_errors=True)
+    shutil.rmtree(out_dir / "chunks", ignore_errors=True)
     return summary
-

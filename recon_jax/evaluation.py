@@ -1,0 +1,64 @@
+"""Judging a run folder: the reference protocol against the training set AND the held-out pool.
+
+    evaluate_run(run_dir) -> summary dict; writes run_dir/evaluation.json and evaluation.npz
+
+It pools the candidates of all runs (or ``pooled.npz``), and reports, against both pools,
+good counts (SSIM > 0.4 after NCC nearest-neighbour search, BRIEF §4), Hungarian one-to-one
+figures, and the membership statistics of ``recon_jax.metrics``: a training image that is
+"recovered" no better than held-out images of the same classes is no evidence of membership.
+Per run, it also reports the good counts, so sweeps can be ranked by an extraction score.
+This is the only place, with ``recon_jax.reconstruct``'s oracle initialisations, that reads
+the victim's ground truth.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from recon_jax import metrics
+from recon_jax.artifacts import atomic_save_npz, atomic_write_json, read_json
+from recon_jax.checkpoint import load_ground_truth
+from recon_jax.errors import ConfigError
+
+SUMMARY_KEYS = ("n_reconstructions", "n_train", "n_heldout", "good_threshold",
+                "train_good_count", "heldout_good_count", "train_mean_ssim", "heldout_mean_ssim",
+                "train_hungarian_good_count", "heldout_hungarian_good_count",
+                "membership_auc_distance", "membership_auc_nearest_ssim", "membership_auc_best_ssim",
+                "nearest_is_train_rate", "nearest_is_train_chance")
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, victim_dir: str | os.PathLike | None = None, pooled: bool = False,
+                 plain_l2: bool = False, good_threshold: float = metrics.GOOD_SSIM, best_ssim: bool = True,
+                 per_run: bool = True) -> dict:
+    """Evaluate ``run_dir`` (see module doc) and return the summary written to evaluation.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise ConfigError(f"{run_dir} is not a finished run folder (no run.json); run `recon-jax reconstruct` first")
+    run = read_json(run_dir / "run.json")
+    victim_dir = Path(victim_dir or run["spec"]["victim"])
+    truth = load_ground_truth(victim_dir)
+    source = run_dir / ("pooled.npz" if pooled else "reconstructions.npz")
+    if not source.is_file():
+        raise ConfigError(f"{source} is missing" + ("; rerun with --pool P" if pooled else ""))
+    with np.load(source, allow_pickle=False) as f:
+        centered = f["centered"]
+    diverged = np.asarray(run["diverged"], bool)
+    if not pooled and diverged.any():
+        centered = centered[~diverged]  # a diverged run's candidates are frozen garbage, not evidence
+    options = dict(good_threshold=good_threshold, downsample=not plain_l2, standardise=not plain_l2)
+    result = metrics.evaluate_reconstructions(centered, truth["train_images"], truth["heldout_images"], truth["mean"],
+                                              best_ssim=best_ssim, **options)
+    summary = {k: result[k] for k in SUMMARY_KEYS if k in result}
+    summary.update(run=str(run_dir), victim=str(victim_dir), pooled=pooled, excluded_diverged_runs=int(diverged.sum())
+                   if not pooled else 0, nearest_neighbours="plain L2" if plain_l2 else "NCC on x1/2 bicubic")
+    if per_run and not pooled and centered.ndim == 5:
+        counts = [metrics.evaluate_reconstructions(c, truth["train_images"], truth["heldout_images"], truth["mean"],
+                                                   best_ssim=False, **options) for c in centered]
+        summary["per_run_train_good_count"] = [c["train_good_count"] for c in counts]
+        summary["per_run_heldout_good_count"] = [c["heldout_good_count"] for c in counts]
+    atomic_save_npz(run_dir / "evaluation.npz", **{k: v for k, v in result.items() if isinstance(v, np.ndarray)})
+    atomic_write_json(run_dir / "evaluation.json", summary)
+    return summary
