@@ -95,10 +95,12 @@ def make_argmin(objective: Callable, config: InnerConfig) -> Callable:
 
 
 def _argmin_jaxopt(fun, config: InnerConfig, init_params, images, labels, probe, adjoint_init):
+    # jaxopt's root_vjp solves H u = −∂l/∂θ, i.e. u = −v: warm-start CG from −v_prev.
+    cg_init = jax.tree_util.tree_map(jnp.negative, adjoint_init)
     solver = jaxopt.LBFGS(
         fun=fun, tol=config.tol, maxiter=config.maxiter, history_size=config.history_size, jit=True,
         implicit_diff=True,
-        implicit_diff_solve=partial(jaxopt.linear_solve.solve_cg, init=adjoint_init, ridge=config.cg_ridge,
+        implicit_diff_solve=partial(jaxopt.linear_solve.solve_cg, init=cg_init, ridge=config.cg_ridge,
                                     maxiter=config.cg_maxiter, tol=config.cg_tol))
     params, state = solver.run(init_params, images, labels, probe)
     return params, InnerInfo(iterations=lax.stop_gradient(state.iter_num),

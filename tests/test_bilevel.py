@@ -10,7 +10,7 @@ from recon_jax import bilevel, data
 from recon_jax.batching import run_batched
 from recon_jax.models import MLP, init_params
 from recon_jax.objectives import make_objective
-from recon_jax.solvers import InnerConfig
+from recon_jax.solvers import InnerConfig, make_argmin
 from recon_jax.training import TrainConfig, train_victim
 
 TIGHT = InnerConfig(tol=1e-12, maxiter=1000, cg_ridge=0.0, cg_tol=1e-14, cg_maxiter=1000)
@@ -188,3 +188,30 @@ def test_interrupted_run_resumes_to_the_same_result(small_run, tmp_path):
     np.testing.assert_allclose(resumed[0].images, reference[0].images, rtol=1e-12)
     for name in reference[1]:
         np.testing.assert_allclose(resumed[1][name], reference[1][name], rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["jaxopt", "custom_vjp"])
+def test_adjoint_warm_start_is_used_with_the_right_sign(backend):
+    """Warm-started from the exact adjoint v, one CG iteration must already give the exact
+    hypergradient; a start of the wrong sign (jaxopt solves for −v) would not."""
+    problem, truth = _victim((), "gelu", "ce")
+    x = truth + 0.2 * jax.random.normal(jax.random.key(8), truth.shape, truth.dtype)
+    tight = InnerConfig(**{**TIGHT.__dict__, "backend": backend})
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, problem.victim_params)
+
+    def gradients(config, adjoint_init):
+        argmin = make_argmin(problem.objective, config)
+
+        def outer(images, probe):
+            params, _ = argmin(problem.victim_params, images, problem.labels, probe, adjoint_init)
+            return bilevel.parameter_loss("l2", params, problem.victim_params)
+
+        return jax.jit(jax.grad(outer, argnums=(0, 1)))(x, zeros)
+
+    exact_x, probe_bar = gradients(tight, zeros)
+    v = jax.tree_util.tree_map(jnp.negative, probe_bar)
+    one_step = InnerConfig(**{**tight.__dict__, "cg_maxiter": 1})
+    warm_x, _ = gradients(one_step, v)
+    cold_x, _ = gradients(one_step, zeros)
+    rel = lambda g: float(jnp.linalg.norm(g - exact_x) / jnp.linalg.norm(exact_x))
+    assert rel(warm_x) < 1e-8 < rel(cold_x)
