@@ -86,3 +86,41 @@ def test_hyperparameter_lists_become_one_vmapped_grid(victim, tmp_path):
         np.testing.assert_array_equal(f["init_centered"][0], f["init_centered"][1])  # same init, two lrs
         assert not np.array_equal(f["init_centered"][0], f["init_centered"][2])      # a different held-out draw
         assert not np.allclose(f["centered"][0], f["centered"][1])                   # the lr mattered
+
+
+@pytest.fixture(scope="module")
+def binary_relu_victim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "binary-relu"
+    with pytest.warns(UserWarning, match="NOT stationary"):  # relu + GD: reported honestly
+        assert main(["train", "--n-per-class", "3", "--binary-positive", "1,3,5,7,9", "--hidden", "16,16",
+                     "--bias", "1,0,0", "--activation", "relu", "--loss", "logistic", "--weight-decay", "0",
+                     "--solver", "gd", "--lr", "0.5", "--maxiter", "300", "--out", str(out)]) == 0
+    return out
+
+
+def test_kkt_reconstruct_sweep_and_evaluate(binary_relu_victim, tmp_path):
+    run = tmp_path / "kkt"
+    assert main(["reconstruct", "--victim", str(binary_relu_victim), "--method", "kkt", "--init", "gaussian:1e-3",
+                 "--n-inits", "2", "--steps", "30", "--alpha", "50,300", "--out", str(run)]) == 0
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["final_loss_name"] == "kkt_loss" and summary["n_runs"] == 4
+    assert summary["run_alpha"] == [50.0, 300.0, 50.0, 300.0] and summary["spec"]["kkt"]["task"] == "binary"
+    with np.load(run / "reconstructions.npz") as f:
+        assert f["images"].shape == (4, 12, 8, 8, 1) and list(f["labels"]) == [0] * 6 + [1] * 6  # m = 2N
+    with np.load(run / "history.npz") as f:
+        assert f["kkt_loss"].shape == (4, 30) and np.all(f["kkt_loss"][:, -1] < f["kkt_loss"][:, 0])
+
+    sweep = tmp_path / "sweep"
+    assert main(["sweep", "--victim", str(binary_relu_victim), "--method", "kkt", "--runs", "3", "--seeds", "2",
+                 "--steps", "10", "--pool", "2", "--out", str(sweep)]) == 0
+    summary = json.loads((sweep / "run.json").read_text())
+    assert summary["n_runs"] == 6 and len(set(summary["run_lr_x"])) == 3 and len(summary["run_init_scale"]) == 6
+    losses = np.asarray(summary["final_outer_loss"])
+    assert list(losses[summary["ranking"]]) == sorted(losses)
+    with np.load(sweep / "pooled.npz") as f:
+        assert f["images"].shape == (24, 8, 8, 1) and list(np.unique(f["runs"])) == sorted(summary["ranking"][:2])
+
+    assert main(["evaluate", "--run", str(sweep), "--plain-l2"]) == 0
+    evaluation = json.loads((sweep / "evaluation.json").read_text())
+    assert evaluation["n_reconstructions"] == 72 and evaluation["n_train"] == evaluation["n_heldout"] == 6
+    assert 0 <= evaluation["membership_auc_distance"] <= 1 and len(evaluation["per_run_train_good_count"]) == 6
