@@ -157,7 +157,7 @@ def test_describe_lookup_prints_the_order_and_what_exists(
 
 def test_name_goes_to_a_tfds_data_dir_that_holds_it(isolated_roots: Path) -> None:
     """Step 2 of the lookup: the official builder is used, and it is not prepared there."""
-    pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets  # noqa: F401  (a dependency)
     if Path("/usr/share/datasets/mnist").exists():
         pytest.skip("this machine has /usr/share/datasets/mnist")
     (isolated_roots / "tfds" / "mnist").mkdir(parents=True)
@@ -292,7 +292,7 @@ def tfds_mnist(tmp_path_factory: pytest.TempPathFactory, mnist_test: ImageSet):
     The builder is not registered, so reading it back goes through tfds's builder-from-files
     path: prepared data, no builder code, as a user's data_dir would be.
     """
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     images, labels = _as_uint8(mnist_test.images[:200]), mnist_test.labels[:200]
     splits = {"train": slice(0, 150), "test": slice(150, 200)}
 
@@ -352,8 +352,8 @@ def test_tfds_image_feature_without_a_decoder_asks_for_tensorflow(
     tmp_path: Path, mnist_test: ImageSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Image features need TensorFlow (or an image library) to decode: the error says so."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-    pil_image = pytest.importorskip("PIL.Image")
+    import tensorflow_datasets as tfds
+    import PIL.Image as pil_image  # a test extra
     from tensorflow_datasets.core.features import image_feature
 
     def png(image: np.ndarray) -> bytes:  # encoded here so that preparing needs no TensorFlow
