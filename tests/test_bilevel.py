@@ -215,3 +215,14 @@ def test_adjoint_warm_start_is_used_with_the_right_sign(backend):
     cold_x, _ = gradients(one_step, zeros)
     rel = lambda g: float(jnp.linalg.norm(g - exact_x) / jnp.linalg.norm(exact_x))
     assert rel(warm_x) < 1e-8 < rel(cold_x)
+
+
+def test_chunk_size_follows_free_memory_and_refuses_what_cannot_fit(monkeypatch):
+    from recon_jax import batching
+    from recon_jax.errors import ConfigError
+
+    monkeypatch.setattr(batching, "available_memory_bytes", lambda: 4_000_000)
+    assert batching.auto_chunk_size(n_inits=1000, bytes_per_init=100_000) == 10  # 25% of 4 MB / 100 kB
+    assert batching.auto_chunk_size(n_inits=3, bytes_per_init=100_000) == 3
+    with pytest.raises(ConfigError, match="one initialisation needs about .* GiB"):
+        batching.auto_chunk_size(n_inits=1, bytes_per_init=2_000_000)
