@@ -302,10 +302,14 @@ class VictimData:
 # --------------------------------------------------------------------------- loading
 
 
+SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
+"""Where Debian's dataset packages (e.g. ``dataset-fashion-mnist``) install: the last root searched."""
+
+
 def data_roots() -> list[Path]:
     """Folders searched for local files, in order: ``$RECON_JAX_DATA``, cache, system."""
     from_env = [Path(part).expanduser() for part in os.environ.get(DATA_ENV, "").split(os.pathsep) if part]
-    return [*from_env, Path("~/.cache/recon_jax/data").expanduser(), Path("/usr/share/datasets")]
+    return [*from_env, Path("~/.cache/recon_jax/data").expanduser(), SYSTEM_DATA_ROOT]
 
 
 def load_dataset(

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import recon_jax.data
+
 from recon_jax.data import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
@@ -66,7 +68,8 @@ def digits() -> ImageSet:
 
 @pytest.fixture
 def isolated_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Empty $RECON_JAX_DATA and ~/.cache roots, and no $TFDS_DATA_DIR."""
+    """Empty $RECON_JAX_DATA, ~/.cache and system roots, and no $TFDS_DATA_DIR."""
+    monkeypatch.setattr(recon_jax.data, "SYSTEM_DATA_ROOT", tmp_path / "system")
     monkeypatch.setenv("RECON_JAX_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
@@ -110,7 +113,10 @@ def test_idx_reads_fashion_mnist_train_with_its_class_names(fashion_dir: Path) -
     assert fashion.provenance["split"] == "train"
 
 
-def test_fashion_mnist_by_name_falls_through_to_usr_share(isolated_roots: Path, fashion_dir: Path) -> None:
+def test_fashion_mnist_by_name_falls_through_to_usr_share(
+    isolated_roots: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recon_jax.data, "SYSTEM_DATA_ROOT", fashion_dir.parent)  # the real /usr/share/datasets
     fashion = load_dataset("fashion_mnist", split="test")
     assert len(fashion) == 10000 and fashion.class_names == FASHION_MNIST_CLASSES
     assert fashion.provenance["path"] == str(fashion_dir.resolve())
@@ -130,8 +136,6 @@ def test_names_resolve_under_recon_jax_data(
 
 
 def test_name_not_found_lists_every_location_and_the_fix(isolated_roots: Path) -> None:
-    if Path("/usr/share/datasets/cifar10").exists():
-        pytest.skip("this machine has /usr/share/datasets/cifar10")
     (isolated_roots / "data").mkdir()
     only_test = isolated_roots / "data" / "cifar10_test.npz"
     np.savez(only_test, images=np.zeros((1, 32, 32, 3), np.uint8), labels=[0])
@@ -158,8 +162,6 @@ def test_describe_lookup_prints_the_order_and_what_exists(
 def test_name_goes_to_a_tfds_data_dir_that_holds_it(isolated_roots: Path) -> None:
     """Step 2 of the lookup: the official builder is used, and it is not prepared there."""
     import tensorflow_datasets  # noqa: F401  (a dependency)
-    if Path("/usr/share/datasets/mnist").exists():
-        pytest.skip("this machine has /usr/share/datasets/mnist")
     (isolated_roots / "tfds" / "mnist").mkdir(parents=True)
     with pytest.raises(DataError, match="TFDS dataset 'mnist' is not prepared in .*tfds/mnist"):
         load_dataset("mnist", data_dir=str(isolated_roots / "tfds"))
