@@ -35,7 +35,7 @@ from flax import struct
 from jax import lax
 
 from recon_jax.errors import ConfigError
-from recon_jax.objectives import squared_norm
+from recon_jax.objectives import all_finite, squared_norm
 from recon_jax.solvers import InnerConfig, make_argmin
 
 OUTER_LOSSES = ("l2", "cosine")
@@ -150,10 +150,6 @@ def init_state(config: BilevelConfig, problem: Problem, images: jax.Array) -> Ou
                       diverged=jnp.asarray(False))
 
 
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
-
-
 def outer_step(config: BilevelConfig, problem: Problem, hyper: Hyper, state: OuterState):
     """One outer step: inner solve, implicit hypergradient, optimiser update.
 
@@ -191,7 +187,7 @@ def outer_step(config: BilevelConfig, problem: Problem, hyper: Hyper, state: Out
     if config.box == "project":
         images = jnp.clip(images, *config.box_bounds)
 
-    ok = jnp.isfinite(total) & _all_finite(grad_images) & _all_finite(params) & ~state.diverged
+    ok = jnp.isfinite(total) & all_finite(grad_images) & all_finite(params) & ~state.diverged
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = OuterState(images=keep(images, state.images), opt_state=keep(opt_state, state.opt_state),
                            inner_params=keep(params, state.inner_params), adjoint=keep(adjoint, state.adjoint),

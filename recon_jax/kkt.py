@@ -78,7 +78,7 @@ from jax import lax
 
 from recon_jax.errors import ConfigError
 from recon_jax.models import MLP
-from recon_jax.objectives import signed_labels, squared_norm
+from recon_jax.objectives import all_finite, signed_labels, squared_norm
 
 if TYPE_CHECKING:
     from recon_jax.checkpoint import Victim
@@ -281,10 +281,6 @@ def init_state(config: KKTConfig, problem: Problem, images: jax.Array, lambdas: 
                     step=jnp.asarray(0), diverged=jnp.asarray(False))
 
 
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
-
-
 def step(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState):
     """One optimiser step on (x, λ): x ← x − lr_x·u_x, λ ← λ − lr_λ·u_λ, with u from SGD momentum
     (u ← μu + ∇) or Adam applied to ∇_(x,λ) L_KKT (a double backward, see module doc).
@@ -301,7 +297,7 @@ def step(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState):
     images = state.images - hyper.lr_x * updates[0]
     lambdas = state.lambdas - hyper.lr_lambda * updates[1]
 
-    ok = jnp.isfinite(total) & _all_finite(grads) & ~state.diverged
+    ok = jnp.isfinite(total) & all_finite(grads) & ~state.diverged
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = KKTState(images=keep(images, state.images), lambdas=keep(lambdas, state.lambdas),
                          opt_state=keep(opt_state, state.opt_state), step=state.step + 1, diverged=~ok)

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import linear_sum_assignment
+
+from recon_jax.bilevel import parameter_loss  # the bilevel outer loss is exactly this quantity
 from scipy.stats import rankdata
 
 from recon_jax.errors import ConfigError, DataError
@@ -243,9 +245,8 @@ def parameter_mismatch(params: Any, victim_params: Any) -> jax.Array:
     ``params`` and ``victim_params`` must have the same pytree structure and leaf shapes.
     Returns a scalar; 0 exactly when θ = θ*.
     """
-    squared_error = jax.tree.map(lambda p, q: jnp.sum((jnp.asarray(p) - jnp.asarray(q)) ** 2), params, victim_params)
-    squared_norm = jax.tree.map(lambda q: jnp.sum(jnp.asarray(q) ** 2), victim_params)
-    return sum(jax.tree.leaves(squared_error)) / sum(jax.tree.leaves(squared_norm))
+    as_arrays = lambda tree: jax.tree.map(jnp.asarray, tree)
+    return parameter_loss("l2", as_arrays(params), as_arrays(victim_params))
 
 
 # ---------------------------------------------------------------------------------------

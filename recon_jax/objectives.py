@@ -68,6 +68,11 @@ def squared_norm(tree) -> jax.Array:
     return sum(jnp.vdot(p, p) for p in jax.tree_util.tree_leaves(tree))
 
 
+def all_finite(tree) -> jax.Array:
+    """True iff every element of every leaf is finite (a scalar bool, traceable)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
 def make_objective(apply_fn: Callable, loss: str, weight_decay: float) -> Callable:
     """Return L(θ, x, y) = (1/N) Σ_i ℓ(apply_fn(θ, x)_i, y_i) + (λ_wd/2) ‖θ‖².
 
