@@ -1,0 +1,370 @@
+"""Energy landscapes of the two reconstruction objectives (Runkel et al. 2024, BRIEF §1 point 4).
+
+Both attacks optimise mean-subtracted candidate images x (m, h, w, c). To look at their
+landscapes we need each objective as a function of x *alone*:
+
+    bilevel   f(x) = l(θ(x), θ*),   θ(x) = argmin_θ L(θ; x, y)         (outer loss, no priors)
+    kkt       f(x) = min_λ Σ_p w_p (θ*_p − G_p(x, λ))²                  (λ profiled out)
+
+Then :func:`slice_1d` evaluates f along the segment from one point to another (e.g. a
+reconstruction to the ground truth) and :func:`slice_2d` on the plane through three points,
+each as one compiled, vmapped call. A barrier between a reconstruction and the ground truth,
+or a second basin in the plane, is the "many local minima" the paper reports.
+:func:`distinct_minima_report` counts distinct near-best reconstructions among K runs,
+judging them all by the same x-only objective.
+
+Functions here are pure jax: f is jit- and vmap-able and differentiable in x (bilevel by
+implicit differentiation, kkt through the linear solve).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from recon_jax import bilevel, kkt, metrics
+from recon_jax.errors import ConfigError
+from recon_jax.solvers import make_argmin
+
+if TYPE_CHECKING:
+    from recon_jax.checkpoint import Victim
+
+METHODS = ("bilevel", "kkt")
+DEFAULT_RIDGE = 1e-10
+"""Relative ridge ρ/(tr A / q) of the profiled-λ normal equations (float64 scale)."""
+
+
+# ---------------------------------------------------------------------------------------
+# The objectives as functions of the images alone
+# ---------------------------------------------------------------------------------------
+
+
+def bilevel_objective(problem: bilevel.Problem, config: bilevel.BilevelConfig | None = None) -> Callable:
+    """f(x) = l(θ(x), θ*) with θ(x) = argmin_θ L(θ; x, y), the inner solve warm-started at θ*.
+
+    ``l`` is ``config.outer_loss`` (default relative squared L2, ‖θ(x) − θ*‖² / ‖θ*‖², see
+    ``bilevel.parameter_loss``); the priors of ``bilevel.image_prior`` are left out, so this is
+    the landscape of the fit alone. Shapes: x (N, h, w, c) mean-subtracted, labels y =
+    ``problem.labels`` (N,); f(x) is a scalar. At the true images of a certified-stationary
+    victim the warm start already satisfies the inner tolerance, so f(x_true) = 0 exactly.
+    """
+    config = bilevel.BilevelConfig() if config is None else config
+    argmin = make_argmin(problem.objective, config.inner)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, problem.victim_params)
+
+    def f(images: jax.Array) -> jax.Array:
+        params, _ = argmin(problem.victim_params, images, problem.labels, zeros, zeros)
+        return bilevel.parameter_loss(config.outer_loss, params, problem.victim_params)
+
+    return f
+
+
+def _parameter_weights(kind: str, victim_params) -> jax.Array:
+    """w (P,): per-parameter weights of the stationarity residual, flattened like θ*.
+
+    global      w_p = 1 / ‖θ*‖²                 (so Σ_p w_p r_p² = ‖r‖² / ‖θ*‖²)
+    per_tensor  w_p = 1 / ‖θ*_t‖², p in tensor t (1 where θ*_t = 0, as ``kkt.stationarity``)
+    """
+    leaves = jax.tree_util.tree_leaves(victim_params)
+    if kind == "global":
+        total = sum(jnp.vdot(p, p) for p in leaves)
+        return jnp.concatenate([jnp.full(p.size, 1.0 / total, p.dtype) for p in leaves])
+    if kind == "per_tensor":
+        scales = [jnp.vdot(p, p) for p in leaves]
+        return jnp.concatenate([jnp.full(p.size, 1.0 / jnp.where(s > 0, s, 1.0), p.dtype)
+                                for p, s in zip(leaves, scales)])
+    raise ConfigError(f"unknown KKT stationarity {kind!r}; choose one of {', '.join(kkt.STATIONARITY)}")
+
+
+def _flatten_rows(tree) -> jax.Array:
+    """A pytree of leaves (q, *shape_t) -> one matrix (q, P), leaves in tree order."""
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree_util.tree_leaves(tree)], axis=1)
+
+
+def profiled_stationarity(task: str, apply_fn: Callable, victim_params, images: jax.Array,
+                          labels: jax.Array | None, *, stationarity: str = "global",
+                          ridge: float = DEFAULT_RIDGE) -> tuple[jax.Array, jax.Array]:
+    """The KKT stationarity residual with the multipliers λ profiled out: (value, λ̂).
+
+    With g_j = ∇_θ φ_j(θ*; x_j) the per-candidate gradients (rows of J, shape (q, P); q = m
+    for binary and multiclass, q = m·C for regression with C outputs; φ from ``kkt.margins``)
+    and G(x, λ) = (1/m) Jᵀλ exactly as in ``kkt.combination_gradient``,
+
+        value(x) = min_λ Σ_p w_p (θ*_p − G_p(x, λ))²                       (a scalar)
+
+    with w from ``stationarity``: ``global`` gives ‖θ* − G‖² / ‖θ*‖² (the relative residual
+    ``kkt.kkt_loss`` reports, squared), ``per_tensor`` gives Σ_t ‖θ*_t − G_t‖² / ‖θ*_t‖².
+    This is a weighted linear least-squares problem in λ, solved through its q×q normal
+    equations (the Gram matrix of the per-candidate gradients):
+
+        (A + ρI) λ̂ = b,   A = J W Jᵀ / m²,   b = J W θ* / m,   ρ = ridge · tr(A) / q
+
+    The tiny relative ridge keeps the solve defined when the g_j are linearly dependent
+    (e.g. q > P) and then picks the small-norm minimiser; its bias on λ̂ is about
+    ridge × cond(A). The value is computed from the residual θ* − Jᵀλ̂/m, not from the
+    normal equations. Because λ̂ minimises the residual, value(x) is a function of x alone,
+    a lower bound on the stationarity term of L_KKT at any λ. λ̂ is unconstrained: the
+    reference's soft bound λ ≥ λ_min and the box prior are not part of it.
+
+    Shapes: images (m, h, w, c); labels (m,) (None for regression); ``apply_fn(params,
+    images) -> (m, C)`` (the *attacked* network, see ``kkt.attacked_model``); λ̂ (m,), or
+    (m, C) for regression with C > 1 outputs. Memory: J holds q·P numbers. The Gram matrix
+    squares J's condition number: use float64.
+    """
+    m = images.shape[0]
+
+    def phi(params):
+        return kkt.margins(task, apply_fn(params, images), labels)
+
+    phi_shape = jax.eval_shape(phi, victim_params).shape
+    jacobian = _flatten_rows(jax.jacrev(lambda p: phi(p).reshape(-1))(victim_params))  # J (q, P)
+    theta = jnp.concatenate([leaf.ravel() for leaf in jax.tree_util.tree_leaves(victim_params)])  # (P,)
+    weights = _parameter_weights(stationarity, victim_params)  # (P,)
+    weighted = jacobian * weights  # J W (q, P)
+    gram = weighted @ jacobian.T / m ** 2  # A (q, q)
+    rhs = weighted @ theta / m  # b (q,)
+    q = gram.shape[0]
+    scale = jnp.maximum(jnp.trace(gram) / q, jnp.finfo(gram.dtype).tiny)
+    lambdas = jnp.linalg.solve(gram + ridge * scale * jnp.eye(q, dtype=gram.dtype), rhs)
+    residual = theta - jacobian.T @ lambdas / m
+    value = jnp.sum(weights * residual ** 2)
+    out_shape = phi_shape if len(phi_shape) == 1 or phi_shape[-1] > 1 else phi_shape[:1]
+    return value, lambdas.reshape(out_shape)
+
+
+def kkt_objective(problem: kkt.Problem, config: kkt.KKTConfig | None = None, hyper: kkt.Hyper | None = None,
+                  ridge: float = DEFAULT_RIDGE) -> Callable:
+    """f(x) = :func:`profiled_stationarity` value for ``problem``'s victim and candidate labels.
+
+    The network is the attacked copy (``kkt.attacked_model``: modified ReLU with sharpness
+    ``hyper.alpha`` for relu victims, the trained activation otherwise); the task and the
+    stationarity normalisation come from ``config``. Shapes: x (m, h, w, c) -> scalar;
+    ``problem.labels`` (m,) for binary and multiclass tasks (``kkt.candidate_labels``), None
+    for regression.
+    """
+    config = kkt.KKTConfig() if config is None else config
+    if config.task != "regression" and problem.labels is None:
+        raise ConfigError(f"task {config.task!r} needs the candidates' labels; build them with kkt.candidate_labels "
+                          "(objective_function does this from the victim's label counts)")
+    hyper = kkt.Hyper(lr_x=0.0) if hyper is None else hyper
+    apply_fn = kkt.attacked_model(problem.model, hyper.alpha).apply
+
+    def f(images: jax.Array) -> jax.Array:
+        value, _ = profiled_stationarity(config.task, apply_fn, problem.victim_params, images, problem.labels,
+                                         stationarity=config.stationarity, ridge=ridge)
+        return value
+
+    return f
+
+
+def objective_function(victim: Victim, method: str, *, labels=None,
+                       bilevel_config: bilevel.BilevelConfig | None = None,
+                       kkt_config: kkt.KKTConfig | None = None, kkt_hyper: kkt.Hyper | None = None,
+                       ridge: float = DEFAULT_RIDGE) -> Callable[[jax.Array], jax.Array]:
+    """The attack objective of ``method`` against ``victim`` as f(x) -> scalar.
+
+    x are mean-subtracted candidate images (m, h, w, c), the space the attacks optimise in.
+
+    ``bilevel``: f(x) = l(θ(x), θ*) (:func:`bilevel_objective`); m = N and ``labels``
+    default to the known class-balanced ``victim.known_labels()`` (sorted by class, so the
+    ground truth must be sorted by label too, see ``reconstruct.sorted_ground_truth``).
+
+    ``kkt``: f(x) = min_λ ‖θ* − (1/m) Σ_j λ_j ∇_θ φ_j(θ*; x_j)‖² / ‖θ*‖² (with ``global``
+    stationarity; see :func:`profiled_stationarity`). λ is **profiled out** (solved for
+    exactly at each x), so the value is a function of x alone. The task defaults to the
+    one ``recon-jax reconstruct`` derives from the victim's loss; ``labels`` default to
+    ``kkt.candidate_labels(victim.label_counts, m)`` for the m candidates passed in; α
+    comes from ``kkt_hyper`` (default 300) for relu victims.
+    """
+    if method == "bilevel":
+        from recon_jax.reconstruct import problem_from_victim  # reconstruct imports much; load it lazily
+
+        problem = problem_from_victim(victim)
+        if labels is not None:
+            problem = problem.replace(labels=jnp.asarray(labels))
+        return bilevel_objective(problem, bilevel_config)
+    if method == "kkt":
+        if kkt_config is None:
+            from recon_jax.reconstruct import KKT_TASK_OF_LOSS
+
+            kkt_config = kkt.KKTConfig(task=KKT_TASK_OF_LOSS[victim.train_config.loss])
+        task = kkt_config.task
+        if labels is not None or task == "regression":
+            problem = kkt.Problem(victim_params=victim.params, model=victim.model,
+                                  labels=None if labels is None else jnp.asarray(labels))
+            return kkt_objective(problem, kkt_config, kkt_hyper, ridge)
+
+        def f(images: jax.Array) -> jax.Array:  # labels for however many candidates x holds
+            chosen = jnp.asarray(kkt.candidate_labels(victim.label_counts, images.shape[0], task))
+            problem = kkt.Problem(victim_params=victim.params, model=victim.model, labels=chosen)
+            return kkt_objective(problem, kkt_config, kkt_hyper, ridge)(images)
+
+        return f
+    raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Slices
+# ---------------------------------------------------------------------------------------
+
+
+def _evaluate(f: Callable, points: jax.Array, batch_size: int | None) -> np.ndarray:
+    """f on each of points (B, *shape) in one compiled call: vmap over all B, or ``lax.map``
+    over batches of ``batch_size`` (each batch vmapped) to bound memory. -> (B,) numpy."""
+    if batch_size is None:
+        run = jax.vmap(f)
+    else:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1 or None, got {batch_size}")
+        run = lambda p: lax.map(f, p, batch_size=batch_size)
+    return np.asarray(jax.jit(run)(points))
+
+
+def _as_image_set(name: str, value, reference_shape=None) -> jax.Array:
+    value = jnp.asarray(value)
+    if value.ndim != 4:
+        raise ConfigError(f"{name} must be a set of images (m, h, w, c), got shape {tuple(value.shape)}")
+    if reference_shape is not None and tuple(value.shape) != tuple(reference_shape):
+        raise ConfigError(f"{name} has shape {tuple(value.shape)} but the first point has {tuple(reference_shape)}; "
+                          "all points must be image sets of the same shape")
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        value = value.astype(jnp.zeros(()).dtype)
+    return value
+
+
+def _check_grid(n: int, extend: float) -> None:
+    if int(n) != n or n < 2:
+        raise ConfigError(f"n must be an integer >= 2, got {n}")
+    if not extend >= 0:
+        raise ConfigError(f"extend must be >= 0, got {extend}")
+
+
+def slice_1d(f: Callable, start, end, n: int = 21, extend: float = 0.25, *,
+             batch_size: int | None = None) -> dict:
+    """f along the line x(t) = start + t (end − start), t ∈ [−extend, 1 + extend].
+
+    start, end: image sets (m, h, w, c) of the same shape (e.g. a reconstruction and the
+    ground truth). Returns numpy arrays
+
+        t (n,)          evenly spaced; grid points within 1e-9 of a step of 0 or 1 are set
+                        to exactly 0 and 1 (they are on the grid when (n − 1)·extend /
+                        (1 + 2·extend) is an integer, e.g. n = 13, extend = 0.25)
+        values (n,)     f(x(t))
+        start_value     f(x(0)) = f(start), end_value f(x(1)) = f(end): always evaluated
+        distance        ‖end − start‖₂ over all pixels (t = 1 is this far from t = 0)
+
+    all n + 2 points in one compiled call (see ``batch_size`` in :func:`slice_2d`).
+    """
+    _check_grid(n, extend)
+    start = _as_image_set("start", start)
+    end = _as_image_set("end", end, start.shape)
+    t = np.linspace(-extend, 1.0 + extend, int(n))
+    step = (1.0 + 2.0 * extend) / (n - 1)
+    for mark in (0.0, 1.0):
+        t[np.abs(t - mark) <= 1e-9 * step] = mark
+    ts = jnp.asarray(np.concatenate([t, [0.0, 1.0]]), start.dtype)
+    direction = end - start
+    points = start[None] + ts[:, None, None, None, None] * direction[None]
+    values = _evaluate(f, points, batch_size)
+    return {"t": t, "values": values[:n], "start_value": float(values[n]), "end_value": float(values[n + 1]),
+            "distance": float(jnp.linalg.norm(direction))}
+
+
+def plane_basis(origin, a, b) -> tuple[jax.Array, jax.Array, np.ndarray]:
+    """Orthonormal basis of the plane through three image sets, by Gram–Schmidt:
+
+        e₁ = (a − o) / ‖a − o‖,   e₂ = r / ‖r‖,   r = (b − o) − ⟨b − o, e₁⟩ e₁
+
+    (inner products over all pixels). Returns (e₁, e₂, coordinates (3, 2)), the rows being
+    the plane coordinates of o = (0, 0), a = (‖a − o‖, 0) and b = (⟨b − o, e₁⟩, ‖r‖), so
+    plane distances are image-space L2 distances. Raises ConfigError if the points are
+    (numerically) collinear.
+    """
+    da, db = a - origin, b - origin
+    norm_a = jnp.linalg.norm(da)
+    if not float(norm_a) > 0:
+        raise ConfigError("the first two points of the plane coincide; pass three distinct image sets")
+    e1 = da / norm_a
+    along = jnp.vdot(db, e1)
+    r = db - along * e1
+    norm_r = jnp.linalg.norm(r)
+    if not float(norm_r) > 1e-12 * max(float(norm_a), float(jnp.linalg.norm(db))):
+        raise ConfigError("the three points are collinear, so they span no plane; use slice_1d, or pick a "
+                          "third point off the line (e.g. another reconstruction)")
+    coordinates = np.array([[0.0, 0.0], [float(norm_a), 0.0], [float(along), float(norm_r)]])
+    return e1, r / norm_r, coordinates
+
+
+def slice_2d(f: Callable, origin, a, b, n: int = 11, extend: float = 0.25, *,
+             names: Sequence[str] = ("origin", "a", "b"), batch_size: int | None = None) -> dict:
+    """f on the plane through three image sets (m, h, w, c), e.g. a reconstruction (origin),
+    the ground truth (a) and a second reconstruction (b).
+
+    With the orthonormal basis e₁, e₂ of :func:`plane_basis`, the point at plane
+    coordinates (u, v) is x(u, v) = origin + u e₁ + v e₂. u and v each take n evenly spaced
+    values covering the three points' coordinates, widened by ``extend`` × their span on
+    each side. Returns numpy arrays
+
+        u (n,), v (n,)
+        values (n, n)     values[i, j] = f(x(u[j], v[i]))   (rows follow v: imshow layout)
+        points (3, 2)     plane coordinates of origin, a, b
+        point_values (3,) f at x(points[k]), the three defining points
+        names             ``names``, the labels of the three points
+
+    All n² + 3 evaluations run in one compiled call: vmapped over all of them, or with
+    ``batch_size`` as ``lax.map`` over vmapped batches of that size (less memory; the
+    bilevel inner solver under vmap runs until the slowest point of a batch converges).
+    """
+    _check_grid(n, extend)
+    if len(names) != 3:
+        raise ConfigError(f"names must label the three points, got {len(names)} names")
+    origin = _as_image_set("origin", origin)
+    a = _as_image_set("a", a, origin.shape)
+    b = _as_image_set("b", b, origin.shape)
+    e1, e2, coordinates = plane_basis(origin, a, b)
+
+    def axis(values):
+        lo, hi = float(np.min(values)), float(np.max(values))
+        pad = extend * (hi - lo)
+        return np.linspace(lo - pad, hi + pad, int(n))
+
+    u, v = axis(coordinates[:, 0]), axis(coordinates[:, 1])
+    uu, vv = np.meshgrid(u, v)  # (n, n), [i, j] = (u[j], v[i])
+    plane = np.concatenate([np.stack([uu.ravel(), vv.ravel()], axis=1), coordinates])  # (n² + 3, 2)
+    plane = jnp.asarray(plane, origin.dtype)
+    points = (origin[None] + plane[:, 0, None, None, None, None] * e1[None]
+              + plane[:, 1, None, None, None, None] * e2[None])
+    values = _evaluate(f, points, batch_size)
+    return {"u": u, "v": v, "values": values[: n * n].reshape(n, n), "points": coordinates,
+            "point_values": values[n * n:], "names": tuple(names)}
+
+
+# ---------------------------------------------------------------------------------------
+# Distinct minima judged by the x-only objective
+# ---------------------------------------------------------------------------------------
+
+
+def distinct_minima_report(f: Callable, images, *, objective_tol: float, distance_threshold: float,
+                           batch_size: int | None = None, **options) -> dict:
+    """``metrics.distinct_minima`` over K runs, each judged by the same x-only objective f.
+
+    A run's own final loss is not comparable across methods (L_KKT depends on its λ and
+    penalties; the bilevel loss on its last inner solve). Here f(x_k) is recomputed for
+    every run's images x_k (K, m, h, w, c) in one compiled call, then runs with
+    f(x_k) ≤ min_l f(x_l) + objective_tol are clustered by set distance (see
+    ``metrics.distinct_minima``; ``options``: metric, downsample, match).
+
+    Returns a dict: objective_values (K,), and count, candidates, representatives,
+    assignment, distances from ``metrics.DistinctMinima``.
+    """
+    images = jnp.asarray(images)
+    if images.ndim != 5:
+        raise ConfigError(f"images must be K runs of image sets (K, m, h, w, c), got shape {tuple(images.shape)}")
+    values = _evaluate(f, images, batch_size)
+    result = metrics.distinct_minima(np.asarray(images), values, objective_tol, distance_threshold, **options)
+    return {"objective_values": values, **result._asdict()}
