@@ -185,22 +185,30 @@ def scatter(path: str | os.PathLike, x, y, groups, xlabel: str, ylabel: str, tit
 
 
 def sorted_curves(path: str | os.PathLike, curves: Mapping[str, np.ndarray], ylabel: str,
-                  threshold: float | None = None) -> Path:
+                  threshold: float | None = None, title: str | None = None,
+                  dashed: Sequence[str] = ()) -> Path:
     """Each curve's values sorted in descending order against their rank (1 = best), e.g.
     per-training-image SSIM of several runs, with ``threshold`` (e.g.
-    ``metrics.GOOD_SSIM`` = 0.4) as a dashed line. curves: {name: (n_k,) values}; lengths may
-    differ; NaNs are dropped.
+    ``metrics.GOOD_SSIM`` = 0.4) as a dashed gray line. curves: {name: (n_k,) values}; lengths
+    may differ; NaNs are dropped. Curves named in ``dashed`` are drawn dashed in the colour of
+    the curve before them (e.g. the held-out pool after the training set of one run).
     """
     if not curves:
         raise ConfigError("sorted_curves needs at least one curve, e.g. {'bilevel': ssim_values}")
     fig = _new_figure(5.0, 3.6)
     ax = fig.subplots()
+    color = None
     for name, values in curves.items():
         values = _vector(f"curve {name!r}", values)
         values = np.sort(values[~np.isnan(values)])[::-1]
-        ax.plot(np.arange(1, len(values) + 1), values, "-o", markersize=2.5, linewidth=1.2, label=name)
+        style = dict(linestyle="--", color=color) if name in dashed and color is not None else dict(linestyle="-")
+        (line,) = ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=2.5, linewidth=1.2,
+                          label=name, **style)
+        color = line.get_color()
     if threshold is not None:
-        ax.axhline(threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+        ax.axhline(threshold, color="gray", linestyle=":", linewidth=1, label=f"threshold {threshold:g}")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_xlabel("rank (sorted, best first)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

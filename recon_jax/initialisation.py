@@ -58,20 +58,23 @@ def parse_init(text: str) -> InitSpec:
 
 def _heldout_draws(rng, k: int, labels: np.ndarray, heldout_centered: np.ndarray,
                    heldout_labels: np.ndarray) -> np.ndarray:
-    """(K, N, h, w, c): for each init, held-out images matching ``labels``, drawn without replacement per class."""
+    """(K, N, h, w, c): for each init, held-out images matching ``labels``, drawn without
+    replacement per class; when a class has more slots than held-out images (e.g. the KKT
+    attack's m = 2N candidates), a random order of the class's images is cycled."""
     out = np.empty((k, len(labels), *heldout_centered.shape[1:]), heldout_centered.dtype)
     for c in np.unique(labels):
         slots = np.flatnonzero(labels == c)
         pool = np.flatnonzero(heldout_labels == c)
-        if len(pool) < len(slots):
-            raise ConfigError(f"the held-out pool has {len(pool)} images of class {c} but {len(slots)} are needed; "
-                              "train the victim with a larger --n-heldout")
+        if len(pool) == 0:
+            raise ConfigError(f"the held-out pool has no image of class {c}; train the victim with a larger "
+                              "--n-heldout")
         for i in range(k):
-            out[i, slots] = heldout_centered[rng.choice(pool, size=len(slots), replace=False)]
+            order = rng.permutation(pool)
+            out[i, slots] = heldout_centered[order[np.arange(len(slots)) % len(pool)]]
     return out
 
 
-def _truth_for_slots(labels: np.ndarray, truth: np.ndarray, truth_labels: np.ndarray) -> np.ndarray:
+def truth_for_slots(labels: np.ndarray, truth: np.ndarray, truth_labels: np.ndarray) -> np.ndarray:
     """(N_slots, h, w, c): slot j gets the next training image of class labels[j] (cycling)."""
     out = np.empty((len(labels), *truth.shape[1:]), truth.dtype)
     for c in np.unique(labels):
@@ -105,7 +108,7 @@ def initial_images(spec: InitSpec, n_inits: int, labels: np.ndarray, image_shape
         return (heldout_centered.mean(axis=0) + spec.value * rng.standard_normal(shape)).astype(dtype)
     if spec.kind == "heldout":
         return _heldout_draws(rng, n_inits, labels, heldout_centered, ground_truth["heldout_labels"]).astype(dtype)
-    truth = _truth_for_slots(labels, ground_truth["train_images"] - mean, ground_truth["train_labels"])
+    truth = truth_for_slots(labels, ground_truth["train_images"] - mean, ground_truth["train_labels"])
     if spec.kind == "gt-noise":
         return (truth[None] + spec.value * rng.standard_normal(shape)).astype(dtype)
     heldout = _heldout_draws(rng, n_inits, labels, heldout_centered, ground_truth["heldout_labels"])

@@ -190,9 +190,9 @@ def objective_function(victim: Victim, method: str, *, labels=None,
         return bilevel_objective(problem, bilevel_config)
     if method == "kkt":
         if kkt_config is None:
-            from recon_jax.reconstruct import KKT_TASK_OF_LOSS
+            from recon_jax.reconstruct import default_kkt_task
 
-            kkt_config = kkt.KKTConfig(task=KKT_TASK_OF_LOSS[victim.train_config.loss])
+            kkt_config = kkt.KKTConfig(task=default_kkt_task(victim.train_config.loss, victim.train_config.weight_decay))
         task = kkt_config.task
         if labels is not None or task == "regression":
             problem = kkt.Problem(victim_params=victim.params, model=victim.model,

@@ -52,6 +52,22 @@ from recon_jax.precision import resolve_dtype
 log = logging.getLogger(__name__)
 METHODS = ("bilevel", "kkt")
 KKT_TASK_OF_LOSS = {"logistic": "binary", "ce": "multiclass", "mse": "regression"}
+
+
+def default_kkt_task(loss: str, weight_decay: float) -> str:
+    """The KKT setting (BRIEF §3) that holds EXACTLY at the victim's trained θ*.
+
+    logistic -> binary (θ* = Σ μ_j y_j ∇Φ_j with μ_j ≥ 0, with or without weight decay);
+    mse -> regression; ce -> multiclass (the margin form of the max-margin KKT point) without
+    weight decay, but regression with it: at a stationary point of mean CE + λ/2‖θ‖²,
+    θ* = Σ_j Σ_c (y_jc − p_jc)/(nλ) ∇Φ_c(x_j), a signed combination of every output's gradient
+    that the margin form cannot express (its residual at the true images is far from 0).
+    """
+    if loss == "ce" and weight_decay > 0:
+        return "regression"
+    return KKT_TASK_OF_LOSS[loss]
+
+
 BILEVEL_LR_RANGE = (1e-3, 1e-1)  # random search for bilevel sweeps: log-uniform learning rate
 BILEVEL_INIT_SCALE_RANGE = (1e-3, 0.3)  # and log-uniform gaussian init scale
 
@@ -109,7 +125,7 @@ class ReconstructionSpec:
             return self.kkt
         if victim is None:
             return kkt.KKTConfig()
-        return kkt.KKTConfig(task=KKT_TASK_OF_LOSS[victim.train_config.loss])
+        return kkt.KKTConfig(task=default_kkt_task(victim.train_config.loss, victim.train_config.weight_decay))
 
 
 def _values(value) -> tuple[float, ...]:

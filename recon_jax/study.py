@@ -1,0 +1,316 @@
+"""Initialisation studies: a grid of cells run, judged and reported, resumably.
+
+    run_study(config, out_dir) -> list of per-cell results
+
+Layout of ``out_dir``::
+
+    config.json                  the validated study (a rerun with another config is refused)
+    victims/<victim>/            victims, trained once (``recon_jax.victim``)
+    cells/<cell>/run/            the cell's reconstruction run (``recon_jax.reconstruct``; resumes
+                                 from its chunk checkpoints) and evaluation.json/.npz
+    cells/<cell>/landscape.npz   objective slices, for cells whose init is in [landscape]
+    cells/<cell>/cell.json       the cell's figures: written last and atomically, so a cell
+                                 with cell.json is finished and a rerun skips it
+    results.json                 every cell's figures and timings, and the config
+    summary.csv                  one row per cell, every metric (no timings: two runs of the
+                                 same config give the same file)
+    figures/*.png, report.md     tables and figures (``recon_jax.figures``)
+
+A ``kill -9`` at any moment loses at most the steps since the last checkpoint of the cell in
+progress: every file is written atomically (``recon_jax.artifacts``).
+
+Per cell (K = n_inits × hyperparameter settings runs of m images each), besides the
+training-set/held-out protocol of ``recon_jax.evaluation`` (good counts, SSIM, membership
+AUC, nearest-is-train rate), the study reports what relates the result to the
+initialisation. With ``t_j`` the training image that slot j was paired with (the oracle
+pairing of ``recon_jax.initialisation``: slots sorted by class, cycling through the class's
+training images), x₀ the initial and x the final images, all mapped to [0,1]:
+
+- ``init_distance``: median over runs and slots of RMS(x₀_j − t_j) (pixel units);
+- ``init_own_ssim`` / ``own_ssim``: median SSIM(x₀_j, t_j) / SSIM(x_j, t_j);
+- ``own_good_rate``: fraction of (run, slot) with SSIM(x_j, t_j) > 0.4;
+- ``moved``: median RMS(x_j − x₀_j);
+- ``distinct_minima``: ``recon_jax.metrics.distinct_minima`` among the runs whose final
+  loss is within ``atol + rtol·best`` of the best;
+- landscape (if computed): the objective at the reconstruction (t=0) and the ground truth
+  (t=1) and its maximum on the segment between them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from recon_jax import checkpoint, metrics
+from recon_jax.artifacts import atomic_save_npz, atomic_write_bytes, atomic_write_json, json_roundtrip, read_json, versions
+from recon_jax.errors import ConfigError
+from recon_jax.evaluation import evaluate_run
+from recon_jax.initialisation import truth_for_slots
+from recon_jax.reconstruct import reconstruct, sorted_ground_truth
+from recon_jax.studyconfig import Cell, StudyConfig
+from recon_jax.victim import train_and_save
+
+log = logging.getLogger(__name__)
+
+ID_COLUMNS = ("cell", "victim", "method", "init", "init_kind", "init_value", "seed")
+METRIC_COLUMNS = (
+    "n_runs", "n_images", "victim_stationary", "victim_n_params", "diverged_runs",
+    "final_loss_name", "final_loss_min", "final_loss_median", "param_mismatch_median",
+    "init_distance", "init_own_ssim", "own_ssim", "own_good_rate", "moved",
+    "train_good_count", "heldout_good_count", "train_mean_ssim", "heldout_mean_ssim",
+    "train_hungarian_good_count", "heldout_hungarian_good_count",
+    "membership_auc_distance", "membership_auc_best_ssim", "nearest_is_train_rate", "nearest_is_train_chance",
+    "distinct_minima", "minima_candidates",
+    "landscape_at_reconstruction", "landscape_at_truth", "landscape_max_on_segment",
+)
+TIMING_KEYS = ("seconds_reconstruct", "seconds_evaluate", "seconds_landscape", "seconds")
+
+
+def _victim_dir(out: Path, name: str) -> Path:
+    return out / "victims" / name
+
+
+def _cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "cells" / cell.id
+
+
+def prepare_victims(config: StudyConfig, out: Path) -> dict[str, dict]:
+    """Train (or reuse) every victim of the study; their reports, by name."""
+    reports = {}
+    for name, spec in config.victims.items():
+        log.info("victim %s: %s", name, "reusing" if (_victim_dir(out, name) / "victim.json").is_file() else "training")
+        report = train_and_save(spec, _victim_dir(out, name))
+        reports[name] = report if isinstance(report, dict) else report.to_dict()
+        if not reports[name].get("stationary", False):
+            log.warning("victim %s is not certified stationary: %s", name, reports[name].get("note", ""))
+    return reports
+
+
+def _rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.mean((a - b) ** 2, axis=(-3, -2, -1)))
+
+
+def _own_figures(run_dir: Path, truth: dict, good_threshold: float) -> dict:
+    """Figures that relate each slot to the training image it was paired with (module doc)."""
+    with np.load(run_dir / "reconstructions.npz", allow_pickle=False) as f:
+        images, init_images, labels = f["images"], f["init_images"], f["labels"]
+    slots = truth_for_slots(labels, truth["train_images"], truth["train_labels"])  # (m, h, w, c) in [0,1]
+    flat = lambda a: a.reshape(-1, *a.shape[2:])
+    tiled = np.broadcast_to(slots, images.shape)
+    own = np.asarray(metrics.ssim(flat(images), flat(tiled)))
+    init_own = np.asarray(metrics.ssim(flat(init_images), flat(tiled)))
+    return {"init_distance": float(np.median(_rms(init_images, slots))),
+            "init_own_ssim": float(np.median(init_own)),
+            "own_ssim": float(np.median(own)),
+            "own_good_rate": float(np.mean(own > good_threshold)),
+            "moved": float(np.median(_rms(images, init_images)))}
+
+
+def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path, truth: dict) -> dict:
+    """1-D slice best reconstruction → ground truth, 2-D slice through (best, truth, second best)."""
+    from recon_jax import landscape
+
+    spec = config.spec(cell)
+    run = read_json(run_dir / "run.json")
+    with np.load(run_dir / "reconstructions.npz", allow_pickle=False) as f:
+        centered, labels = f["centered"], f["labels"]
+    ranking = [r for r in run["ranking"] if not run["diverged"][r]]
+    if not ranking:
+        return {}
+    victim = checkpoint.load_victim(victim_dir, dtype=spec.dtype)
+    mean = truth["mean"]
+    target = truth_for_slots(labels, truth["train_images"] - mean, truth["train_labels"])
+    kkt_hyper = None
+    if spec.method == "kkt":
+        from recon_jax import kkt
+        best = ranking[0]
+        kkt_hyper = kkt.Hyper(lr_x=run["run_lr_x"][best], lr_lambda=run["run_lr_lambda"][best],
+                              alpha=run["run_alpha"][best], lambda_min=run["run_lambda_min"][best])
+    f = landscape.objective_function(victim, spec.method, labels=labels, bilevel_config=spec.bilevel,
+                                     kkt_config=spec.kkt, kkt_hyper=kkt_hyper)
+    dtype = centered.dtype
+    start = centered[ranking[0]].astype(dtype)
+    line = landscape.slice_1d(f, start, target.astype(dtype), n=config.landscape.points_1d,
+                              extend=config.landscape.extend)
+    arrays = {f"line_{k}": np.asarray(v) for k, v in line.items()}
+    t, values = np.asarray(line["t"]), np.asarray(line["values"])
+    on_segment = (t >= -1e-12) & (t <= 1 + 1e-12)
+    figures = {"landscape_at_reconstruction": float(line["start_value"]),
+               "landscape_at_truth": float(line["end_value"]),
+               "landscape_max_on_segment": float(np.nanmax(np.concatenate(
+                   [values[on_segment], [line["start_value"], line["end_value"]]])))}
+    if len(ranking) >= 2:
+        plane = landscape.slice_2d(f, start, target.astype(dtype), centered[ranking[1]].astype(dtype),
+                                   n=config.landscape.points_2d, extend=config.landscape.extend,
+                                   names=("best run", "ground truth", "second run"))
+        arrays.update({f"plane_{k}": np.asarray(v) for k, v in plane.items()})
+    atomic_save_npz(run_dir.parent / "landscape.npz", **arrays)
+    return figures
+
+
+def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run, evaluate and describe one cell; writes cells/<cell>/cell.json last. Returns its figures."""
+    cell_dir = _cell_dir(out, cell)
+    run_dir = cell_dir / "run"
+    victim_dir = _victim_dir(out, cell.victim)
+    spec = config.spec(cell)
+    timings = {}
+    start = time.perf_counter()
+    run = reconstruct(victim_dir, run_dir, spec, progress=progress)
+    timings["seconds_reconstruct"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    evaluation = evaluate_run(run_dir, victim_dir=victim_dir)
+    truth = sorted_ground_truth(victim_dir)
+    own = _own_figures(run_dir, truth, evaluation.get("good_threshold", metrics.GOOD_SSIM))
+    losses = np.asarray(run["final_outer_loss"], float)
+    diverged = np.asarray(run["diverged"], bool)
+    ok = ~diverged & np.isfinite(losses)
+    minima = {"distinct_minima": None, "minima_candidates": None}
+    if ok.sum() >= 2:
+        with np.load(run_dir / "reconstructions.npz", allow_pickle=False) as f:
+            centered = f["centered"][ok]
+        best = float(losses[ok].min())
+        tol = config.minima.objective_atol + config.minima.objective_rtol * abs(best)
+        found = metrics.distinct_minima(centered, losses[ok], tol, config.minima.distance_threshold)
+        minima = {"distinct_minima": int(found.count), "minima_candidates": int(len(found.candidates))}
+    mismatch_key = "final_relative_residual" if spec.method == "kkt" else "final_outer_loss"
+    mismatch = np.asarray(run.get(mismatch_key, losses), float)[ok] if ok.any() else np.array([np.nan])
+    timings["seconds_evaluate"] = time.perf_counter() - start
+
+    landscape = {}
+    if cell.init in config.landscape.inits:
+        start = time.perf_counter()
+        landscape = _landscape(config, cell, victim_dir, run_dir, truth)
+        timings["seconds_landscape"] = time.perf_counter() - start
+    victim_meta = read_json(victim_dir / checkpoint.META_FILE)
+    kind, _, value = cell.init.partition(":")
+    result = {
+        "cell": cell.id, "victim": cell.victim, "method": cell.method, "init": cell.init, "init_kind": kind,
+        "init_value": float(value) if value else None, "seed": cell.seed,
+        "n_runs": run["n_runs"], "n_images": run["n_images"],
+        "victim_stationary": bool(victim_meta.get("stationary", False)),
+        "victim_n_params": victim_meta.get("n_params"),
+        "diverged_runs": int(diverged.sum()), "final_loss_name": run["final_loss_name"],
+        "final_loss_min": float(losses[ok].min()) if ok.any() else None,
+        "final_loss_median": float(np.median(losses[ok])) if ok.any() else None,
+        "param_mismatch_median": float(np.median(mismatch)),
+        **own, **{k: evaluation.get(k) for k in METRIC_COLUMNS if k in evaluation}, **minima, **landscape,
+        "spec": json_roundtrip(spec.to_json()),
+    }
+    result.update(timings, seconds=sum(timings.values()))
+    atomic_write_json(cell_dir / "cell.json", json_roundtrip(result))
+    return result
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def summary_csv(results: list[dict]) -> str:
+    """One row per cell, ``ID_COLUMNS + METRIC_COLUMNS`` (timings excluded: deterministic)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = ID_COLUMNS + METRIC_COLUMNS
+    writer.writerow(columns)
+    for r in results:
+        writer.writerow([_format(r.get(c)) for c in columns])
+    return buffer.getvalue()
+
+
+def _check_out(config: StudyConfig, out: Path) -> None:
+    saved = out / "config.json"
+    mine = json_roundtrip(config.to_json())
+    if saved.is_file() and read_json(saved) != mine:
+        raise ConfigError(f"{out} holds a study with a different config; choose another --out (or delete {out})")
+    atomic_write_json(saved, mine)
+
+
+class Progress:
+    """Progress lines on stderr via logging: one per cell, and within a cell at most every ``every`` s."""
+
+    def __init__(self, n_cells: int, every: float = 10.0, echo: Callable[[str], None] | None = None):
+        self.n_cells, self.every, self.echo = n_cells, every, echo or (lambda s: log.warning("%s", s))
+        self.last = 0.0
+        self.started = time.perf_counter()
+
+    def cell(self, index: int, cell: Cell, state: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.echo(f"[{index + 1}/{self.n_cells}] {cell.victim} / {cell.method} / {cell.init} / seed {cell.seed}: "
+                  f"{state} ({elapsed:.0f} s elapsed)")
+
+    def steps(self, index: int, cell: Cell) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if now - self.last >= self.every or done == total:
+                self.last = now
+                self.echo(f"[{index + 1}/{self.n_cells}]   step {done}/{total}")
+        return report
+
+
+def run_study(config: StudyConfig, out_dir: str | os.PathLike, *, process_index: int = 0, process_count: int = 1,
+              barrier: Callable[[str], None] | None = None, echo: Callable[[str], None] | None = None,
+              report: bool = True) -> list[dict]:
+    """Run every cell of ``config`` into ``out_dir`` (module doc); returns the cells' results.
+
+    With ``process_count`` > 1 (multi-host, ``recon_jax.distributed``), process p runs the
+    cells whose index ≡ p (mod process_count); ``barrier(name)`` synchronises the processes
+    after the victims are trained and after all cells, and only process 0 writes victims
+    and the study outputs.
+    """
+    out = Path(out_dir)
+    cells = config.cells()
+    if process_index == 0:
+        _check_out(config, out)
+        prepare_victims(config, out)
+    if barrier is not None:
+        barrier("victims")
+    if process_index != 0:
+        prepare_victims(config, out)  # reuses process 0's victims (identical specs)
+    progress = Progress(len(cells), echo=echo)
+    for index, cell in enumerate(cells):
+        if index % process_count != process_index:
+            continue
+        path = _cell_dir(out, cell) / "cell.json"
+        if path.is_file() and read_json(path).get("spec") == json_roundtrip(config.spec(cell).to_json()):
+            progress.cell(index, cell, "done earlier, reused")
+            continue
+        progress.cell(index, cell, "running")
+        result = run_cell(config, cell, out, progress=progress.steps(index, cell))
+        progress.cell(index, cell, f"finished in {result['seconds']:.0f} s: train good {result.get('train_good_count')}, "
+                                   f"held-out good {result.get('heldout_good_count')}, AUC "
+                                   f"{_short(result.get('membership_auc_distance'))}")
+    if barrier is not None:
+        barrier("cells")
+    if process_index != 0:
+        return []
+    results = [read_json(_cell_dir(out, cell) / "cell.json") for cell in cells]
+    write_outputs(config, out, results, figures=report and config.figures)
+    return results
+
+
+def _short(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def write_outputs(config: StudyConfig, out: Path, results: list[dict], *, figures: bool = True) -> None:
+    """results.json, summary.csv, and (``figures``) figures/*.png and report.md."""
+    atomic_write_json(out / "results.json", {"config": config.to_json(), "cells": results, "versions": versions()})
+    atomic_write_bytes(out / "summary.csv", summary_csv(results).encode())
+    if figures:
+        from recon_jax.report import write_report
+        write_report(config, out, results)

@@ -1,0 +1,157 @@
+"""The study runner: config validation, outputs, and resumption after kill -9."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recon_jax import study, studyconfig
+from recon_jax.errors import ConfigError
+
+# Three digit classes, one training image each: a study of 4 cells that runs in seconds.
+TINY = {
+    "name": "tiny",
+    "n_inits": 2,
+    "seeds": [0],
+    "inits": ["gt-noise:0.05", "gaussian:0.1"],
+    "data": {"dataset": "digits", "n_per_class": 1, "classes": [0, 1, 2], "weight_decay": 1e-2},
+    "victims": {"affine": {"model": "affine"}},
+    "methods": {"bilevel": {"method": "bilevel", "steps": 30, "learning_rate": 0.02, "segment": 10},
+                "kkt": {"method": "kkt", "steps": 200, "learning_rate": 0.01, "lr_lambda": 0.5, "segment": 50,
+                        "kkt": {"optimizer": "adam"}}},
+    "landscape": {"inits": ["gaussian:0.1"], "points_1d": 5, "points_2d": 3},
+}
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "unknown key(s) bogus in the study file; valid keys:"),
+    ({"victims": {}}, "needs at least one [victims.NAME] table"),
+    ({"victims": {"a": {"model": "conv"}}}, "model must be 'affine' or 'mlp'"),
+    ({"victims": {"a": {"model": "mlp"}}}, "model 'mlp' needs hidden = [widths]"),
+    ({"victims": {"a": {"hiden": [3]}}}, "unknown key(s) hiden in [victims.a]"),
+    ({"methods": {"m": {"method": "gan"}}}, "method must be 'bilevel' or 'kkt'"),
+    ({"methods": {"m": {"method": "bilevel", "inner": {"tolerance": 1}}}}, "unknown key(s) tolerance in [methods.m.inner]"),
+    ({"methods": {"m": {"method": "kkt", "kkt": {"task": "ranking"}}}}, "unknown KKT task 'ranking'"),
+    ({"inits": ["uniform:1"]}, "unknown --init 'uniform:1'"),
+    ({"inits": []}, "inits must list at least one"),
+    ({"landscape": {"inits": ["heldout"]}}, "[landscape] inits ['heldout'] are not among the study's inits"),
+    ({"seeds": [1, 1]}, "seeds must be a non-empty list of distinct integers"),
+    ({"victims": {"a__b": {"model": "affine"}}}, "victim name 'a__b' must use only"),
+])
+def test_config_errors_name_the_problem(change, message):
+    with pytest.raises(ConfigError) as err:
+        studyconfig.config_from_dict({**TINY, **change})
+    assert message in str(err.value)
+
+
+def test_config_files_and_overrides(tmp_path):
+    (tmp_path / "s.toml").write_text('n_inits = 1\ninits = ["heldout"]\n[victims.a]\nmodel = "affine"\n'
+                                     '[methods.b]\nmethod = "bilevel"\nsteps = 5\n[methods.b.inner]\nmaxiter = 50\n')
+    config = studyconfig.load_config(tmp_path / "s.toml")
+    assert config.name == "s" and [c.id for c in config.cells()] == ["a__b__heldout__s0"]
+    spec = config.spec(config.cells()[0])
+    assert spec.bilevel.steps == 5 and spec.bilevel.inner.maxiter == 50 and spec.bilevel.inner.tol == 1e-10
+    renamed = studyconfig.load_config(tmp_path / "s.toml", dataset="cifar10")
+    assert renamed.name == "s-cifar10" and renamed.victims["a"].dataset == "cifar10"
+    (tmp_path / "bad.toml").write_text("n_inits = [")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        studyconfig.load_config(tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        studyconfig.load_config(tmp_path / "missing.toml")
+
+
+def test_default_study_is_valid_and_on_digits():
+    config = studyconfig.default_config()
+    assert all(v.dataset == "digits" for v in config.victims.values())
+    assert {m.method for m in config.methods.values()} == {"bilevel", "kkt"}
+    assert any(i.startswith("gt-noise") for i in config.inits) and any(i.startswith("gaussian") for i in config.inits)
+
+
+def test_kkt_task_default_holds_exactly_for_weight_decay():
+    config = studyconfig.config_from_dict(TINY)
+    kkt_cell = next(c for c in config.cells() if c.method == "kkt")
+    assert config.spec(kkt_cell).kkt.task == "regression"  # ce + weight decay: the exact Φ form
+
+
+def test_study_outputs(tmp_path):
+    config = studyconfig.config_from_dict(TINY)
+    results = study.run_study(config, tmp_path / "s", echo=lambda line: None)
+    out = tmp_path / "s"
+    assert len(results) == 4
+    rows = _rows(out / "summary.csv")
+    assert [r["cell"] for r in rows] == [c.id for c in config.cells()]
+    assert set(study.ID_COLUMNS + study.METRIC_COLUMNS) == set(rows[0])
+    by = {(r["method"], r["init"]): r for r in results}
+    for method in ("bilevel", "kkt"):
+        near, far = by[method, "gt-noise:0.05"], by[method, "gaussian:0.1"]
+        assert near["init_distance"] < far["init_distance"]
+        assert near["own_ssim"] > far["own_ssim"]
+        assert 0.0 <= far["membership_auc_distance"] <= 1.0
+        assert far["landscape_at_truth"] is not None and far["distinct_minima"] >= 1
+    # The bilevel objective vanishes at the true images of a certified victim.
+    assert by["bilevel", "gaussian:0.1"]["landscape_at_truth"] < 1e-6
+    assert by["bilevel", "gt-noise:0.05"]["victim_stationary"] is True
+    figures = {p.name for p in (out / "figures").iterdir()}
+    for name in ("own_ssim_vs_init_distance.png", "auc_vs_init_distance.png", "nn_ssim_vs_init_distance.png",
+                 "sorted_ssim_affine_bilevel.png", "slice1d_affine_kkt.png",
+                 "slice2d_affine__bilevel__gaussian=0.1__s0.png", "grid_affine__kkt__gt-noise=0.05__s0.png"):
+        assert name in figures
+    report = (out / "report.md").read_text()
+    assert "| affine | bilevel | gt-noise:0.05 |" in report and "](figures/auc_vs_init_distance.png)" in report
+    saved = json.loads((out / "results.json").read_text())
+    assert [c["cell"] for c in saved["cells"]] == [c.id for c in config.cells()]
+    # A rerun reuses every cell; a different config in the same folder is refused.
+    lines = []
+    study.run_study(config, out, echo=lines.append, report=False)
+    assert sum("done earlier, reused" in line for line in lines) == 4
+    other = studyconfig.config_from_dict({**TINY, "n_inits": 3})
+    with pytest.raises(ConfigError, match="holds a study with a different config"):
+        study.run_study(other, out, echo=lambda line: None)
+
+
+def _study_command(config_path: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "recon_jax", "study", "--config", str(config_path), "--out", str(out),
+            "--no-figures"]
+
+
+def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    raw = {**TINY, "inits": ["gt-noise:0.05", "gt-noise:0.5", "heldout", "gaussian:0.1"], "landscape": {}}
+    config_path = tmp_path / "study.json"
+    config_path.write_text(json.dumps(raw))
+    env = {**os.environ, "RECON_JAX_JAX_CACHE": os.environ.get("RECON_JAX_TEST_JAX_CACHE", str(
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "recon_jax-tests-jax"))}
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_study_command(config_path, clean), check=True, env=env, capture_output=True)
+
+    process = subprocess.Popen(_study_command(config_path, killed), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(killed.glob("cells/*/cell.json"))) < 2 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = sorted(p.parent.name for p in killed.glob("cells/*/cell.json"))
+    assert 2 <= len(finished) < 8, "the kill should land mid-study"
+    assert not (killed / "summary.csv").exists()
+    stamps = {name: (killed / "cells" / name / "cell.json").stat().st_mtime_ns for name in finished}
+
+    rerun = subprocess.run(_study_command(config_path, killed), check=True, env=env, capture_output=True, text=True)
+    assert rerun.stderr.count("done earlier, reused") == len(finished)
+    assert all((killed / "cells" / name / "cell.json").stat().st_mtime_ns == stamps[name] for name in finished)
+    assert (killed / "summary.csv").read_text() == (clean / "summary.csv").read_text()
+    rows = _rows(clean / "summary.csv")
+    assert len(rows) == 8 and all(np.isfinite(float(r["final_loss_median"])) for r in rows)
