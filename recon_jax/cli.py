@@ -271,13 +271,20 @@ def _add_study(sub) -> None:
     p.add_argument("--out", default=None, help="study folder (default: runs/NAME)")
     p.add_argument("--no-figures", action="store_true", help="skip figures and report.md")
     p.add_argument("--print-config", action="store_true", help="print the validated config as JSON and exit")
+    h = p.add_argument_group("multi-host (jax.distributed; --out must be on a filesystem every process sees)")
+    h.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (or $RECON_JAX_COORDINATOR)")
+    h.add_argument("--num-processes", type=int, default=None, help="process count (or $RECON_JAX_NUM_PROCESSES)")
+    h.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1 (or $RECON_JAX_PROCESS_ID)")
+    h.add_argument("--distributed", choices=("off", "auto"), default="off",
+                   help="auto: let jax.distributed detect the cluster (SLURM, Open MPI, TPU pods, ...)")
     p.set_defaults(func=_run_study)
 
 
 def _run_study(args) -> int:
-    from recon_jax import study, studyconfig
+    from recon_jax import distributed, study, studyconfig
     from recon_jax.precision import enable_float64
 
+    distributed.resolve(args.coordinator, args.num_processes, args.process_id)  # fail fast, before any work
     raw = studyconfig.read_raw(args.config) if args.config else studyconfig.DEFAULT_STUDY
     if studyconfig.needs_float64(raw):
         enable_float64()
@@ -287,10 +294,15 @@ def _run_study(args) -> int:
         print(json.dumps(config.to_json(), indent=2))
         return 0
     out = Path(args.out or Path("runs") / config.name)
-    results = study.run_study(config, out, echo=lambda line: print(line, file=sys.stderr, flush=True),
+    ctx = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                 auto=args.distributed == "auto")
+    prefix = f"[process {ctx.process_index}/{ctx.process_count}] " if ctx.process_count > 1 else ""
+    results = study.run_study(config, out, process_index=ctx.process_index, process_count=ctx.process_count,
+                              barrier=ctx.barrier, echo=lambda line: print(prefix + line, file=sys.stderr, flush=True),
                               report=not args.no_figures)
-    print(f"{len(results)} cells; wrote {out / 'summary.csv'}" + ("" if args.no_figures else
-                                                                   f" and {out / 'report.md'}"))
+    if ctx.is_main:
+        print(f"{len(results)} cells; wrote {out / 'summary.csv'}" + ("" if args.no_figures else
+                                                                       f" and {out / 'report.md'}"))
     return 0
 
 
