@@ -1,4 +1,4 @@
-"""Run a single-initialisation method for K initialisations: vmapped, chunked, resumable.
+"""Run a single-initialisation method for K initialisations: vmapped, sharded, chunked, resumable.
 
 The method is given as two plain functions of ONE initialisation,
 
@@ -7,16 +7,33 @@ The method is given as two plain functions of ONE initialisation,
 and ``run_batched`` applies ``jax.vmap`` at the edge: K initialisations are split into
 chunks of at most ``chunk_size`` (the last chunk is padded by repeating its final element,
 so every chunk reuses one compiled program), and each chunk runs ``segment`` steps at a
-time. After every segment the chunk's state is written atomically to ``checkpoint_dir``;
-a rerun with the same folder continues from there and reuses finished chunks, so an
-interruption loses at most one segment of one chunk.
+time. After every segment the chunk's state is written atomically to ``checkpoint_dir``
+(as host numpy arrays); a rerun with the same folder continues from there and reuses
+finished chunks, so an interruption loses at most one segment of one chunk.
+
+**Sharding across local devices.** The batch axis of every chunk is split over the local
+devices (``devices=None``: all of them; an int: the first that many) with ``jax.sharding``:
+a 1-D ``Mesh`` over the axis ``"inits"``, the batched inputs placed with
+``NamedSharding(mesh, P("inits"))``, everything else (θ*, labels: constants of the
+program) replicated. The compiled program is the same ``jit(vmap(...))``; jit propagates
+the input sharding, and ``out_shardings`` keeps states and records split the same way, so
+every device runs chunk/devices initialisations and they never exchange data (except the
+stopping test of a batched ``while_loop``, which must agree across the batch). Chunk sizes
+are rounded up to a multiple of the device count (the padding repeats the last element, as
+above). The results do not depend on the device count: a vmapped program never mixes
+the batch, and tests hold 8 devices against 1 to 1e-12.
 
 Per-initialisation diagnostics stay per initialisation: vmap never mixes the batch, and
 the methods freeze an initialisation whose loss or gradient becomes non-finite.
+
+The automatic chunk size (``auto_chunk_size``) is the per-device share of free memory
+divided by ``recon_jax.memory``'s per-initialisation estimate, times the device count.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -26,19 +43,115 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from recon_jax.artifacts import atomic_save_npz
+from recon_jax.artifacts import atomic_save_npz, atomic_write_json
 from recon_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+AXIS = "inits"  # the mesh axis the batch of initialisations is split over
+LAYOUT_FILE = "layout.json"  # in checkpoint_dir: the chunking a resumed run must keep
+DEFAULT_MEMORY_FRACTION = 0.25  # of the free memory the automatic chunk size may plan for
 
-def available_memory_bytes() -> int:
-    """Free memory of the default device: the accelerator's allocator limit, or MemAvailable on CPU."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+def select_devices(devices: int | None = None) -> list:
+    """The first ``devices`` local devices (all of them for None); a clear error if there are fewer."""
+    available = jax.local_devices()
+    if devices is None:
+        return list(available)
+    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or devices < 1:
+        raise ConfigError(f"devices must be a positive integer (or unset for all local devices), got {devices!r}")
+    if devices > len(available):
+        kind = available[0].platform if available else "?"
+        raise ConfigError(
+            f"{devices} devices were asked for, but this process sees only {len(available)} local {kind} "
+            f"device(s); pass --devices {len(available)} or fewer, or leave it unset to use all of them"
+            + (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported "
+               "splits the host into N devices)" if kind == "cpu" else ""))
+    return list(available[:devices])
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a batch lives: a 1-D mesh over ``devices`` and the shardings of batched and shared data."""
+
+    mesh: Mesh
+
+    @property
+    def devices(self) -> list:
+        return list(self.mesh.devices.flat)
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def batch(self) -> NamedSharding:
+        """Leading (initialisation) axis split over the devices, the other axes whole."""
+        return NamedSharding(self.mesh, PartitionSpec(AXIS))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def round_up(self, n: int) -> int:
+        """The smallest multiple of the device count that is >= n."""
+        return -(-int(n) // self.n_devices) * self.n_devices
+
+    def put(self, tree):
+        """Place a pytree whose leaves all have the batch as their leading axis."""
+        return jax.device_put(tree, self.batch)
+
+
+def placement(devices: int | None = None) -> Placement:
+    """A ``Placement`` over the first ``devices`` local devices (all for None)."""
+    return Placement(Mesh(np.array(select_devices(devices)), (AXIS,)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchedProgram:
+    """The jitted, vmapped, sharded programs ``run_batched`` executes on each chunk.
+
+    ``init(x0, hyper)``, ``run(state, hyper, n)`` (n static) and ``finish(state, hyper)``
+    take batched inputs placed with ``placement.put`` and return batched outputs with the
+    same sharding. ``run`` donates its state (the previous segment's state is not kept).
+    """
+
+    init: Callable
+    run: Callable
+    finish: Callable
+    placement: Placement
+
+
+def batched_program(init: Callable, run: Callable, finish: Callable, where: Placement) -> BatchedProgram:
+    """vmap the single-initialisation functions and jit them with the batch sharded over ``where``."""
+    out = where.batch  # a prefix for every output: all of them are batched along axis 0
+    return BatchedProgram(
+        init=jax.jit(jax.vmap(init), out_shardings=out),
+        run=jax.jit(jax.vmap(run, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0, out_shardings=out),
+        finish=jax.jit(jax.vmap(finish), out_shardings=out),
+        placement=where)
+
+
+def available_memory_bytes(devices: int | None = None) -> int:
+    """Free memory per device for the first ``devices`` local devices (all for None).
+
+    On an accelerator: the smallest (allocator limit − bytes in use) among them. On CPU the
+    devices share the host's memory: MemAvailable divided by their number.
+    """
+    chosen = select_devices(devices)
+    free = []
+    for device in chosen:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and "bytes_limit" in stats:
+            free.append(int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    if free:
+        return min(free)
+    return _host_available_bytes() // max(1, len(chosen))
+
+
+def _host_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -49,14 +162,45 @@ def available_memory_bytes() -> int:
     return 4 << 30
 
 
-def auto_chunk_size(n_inits: int, bytes_per_init: int, fraction: float = 0.25) -> int:
-    """Largest chunk whose estimated footprint fits in ``fraction`` of free memory (≥ 1)."""
-    budget = fraction * available_memory_bytes()
-    if bytes_per_init > budget:
+def auto_chunk_size(n_inits: int, bytes_per_init: int, fraction: float = DEFAULT_MEMORY_FRACTION, *,
+                    devices: int | None = None, fixed_bytes: int = 0) -> int:
+    """Largest chunk whose estimated footprint fits in ``fraction`` of each device's free memory.
+
+    Each of the n devices holds chunk/n initialisations (``bytes_per_init`` each) plus
+    ``fixed_bytes`` that every device holds once (θ*, labels). The result is at least one
+    initialisation per device, a multiple of n, and at most ``n_inits`` rounded up to one.
+    Raises ConfigError, before any work, when even one initialisation does not fit.
+    """
+    n_devices = len(select_devices(devices))
+    free = available_memory_bytes() if devices is None else available_memory_bytes(devices)
+    budget = fraction * free
+    if bytes_per_init + fixed_bytes > budget:
         raise ConfigError(
-            f"one initialisation needs about {bytes_per_init / 2**30:.2f} GiB but only {budget / 2**30:.2f} GiB "
-            "is budgeted; use fewer images, a smaller victim, float32, or a device with more memory")
-    return max(1, min(n_inits, int(budget // bytes_per_init)))
+            f"one initialisation needs about {bytes_per_init / 2**30:.2f} GiB "
+            f"(+ {fixed_bytes / 2**30:.2f} GiB shared) but only {budget / 2**30:.2f} GiB is budgeted "
+            f"({fraction:.0%} of the {free / 2**30:.2f} GiB free per device); use fewer images or candidates, a "
+            "smaller victim, float32, a smaller L-BFGS history, or a device with more memory")
+    per_device = int((budget - fixed_bytes) // bytes_per_init)
+    per_device = max(1, min(per_device, math.ceil(n_inits / n_devices)))
+    return per_device * n_devices
+
+
+def check_fits(chunk_size: int, bytes_per_init: int, *, devices: int | None = None, fixed_bytes: int = 0) -> None:
+    """For a chunk size the user chose: ConfigError, before any work, if even one initialisation
+    cannot fit in a device's free memory; a warning if the whole chunk's share may not."""
+    n_devices = len(select_devices(devices))
+    free = available_memory_bytes() if devices is None else available_memory_bytes(devices)
+    if bytes_per_init + fixed_bytes > free:
+        raise ConfigError(
+            f"one initialisation needs about {bytes_per_init / 2**30:.2f} GiB (+ {fixed_bytes / 2**30:.2f} GiB shared) "
+            f"but a device has only {free / 2**30:.2f} GiB free; use fewer images or candidates, a smaller victim, "
+            "float32, a smaller L-BFGS history, or a device with more memory")
+    per_device = math.ceil(chunk_size / n_devices)
+    if per_device * bytes_per_init + fixed_bytes > free:
+        log.warning("a chunk of %d over %d device(s) needs about %.2f GiB per device, more than the %.2f GiB free; "
+                    "lower --chunk-size (at most %d per device fit)", chunk_size, n_devices,
+                    (per_device * bytes_per_init + fixed_bytes) / 2**30, free / 2**30,
+                    max(1, (free - fixed_bytes) // bytes_per_init))
 
 
 def _take(tree, index):
@@ -90,46 +234,77 @@ def _load_chunk(path: Path, template):
                 raise ConfigError(f"{path} does not match this run (a leaf of shape {have.shape}, expected "
                                   f"{want.shape}); it was written by a different configuration: use a new --out")
         history = {k[len("history_"):]: f[k] for k in f.files if k.startswith("history_")}
-        state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a, w.dtype) for a, w in zip(loaded, leaves)])
+        state = jax.tree_util.tree_unflatten(treedef, [np.asarray(a, w.dtype) for a, w in zip(loaded, leaves)])
         return state, history, int(f["steps_done"])
+
+
+def _resume_chunk_size(checkpoint_dir: Path | None, n_inits: int, chunk_size: int, where: Placement) -> int:
+    """The chunk size the checkpoints in ``checkpoint_dir`` were written with, if any (else ``chunk_size``).
+
+    An automatic chunk size depends on free memory at start-up; a resumed run must keep the
+    one its chunk files were written with, or they would not fit.
+    """
+    if checkpoint_dir is None or not (checkpoint_dir / LAYOUT_FILE).is_file():
+        return chunk_size
+    with open(checkpoint_dir / LAYOUT_FILE) as f:
+        layout = json.load(f)
+    saved = int(layout.get("chunk_size", chunk_size))
+    if layout.get("n_inits") != n_inits or saved == chunk_size:
+        return chunk_size
+    if saved % where.n_devices:
+        raise ConfigError(f"{checkpoint_dir} holds chunks of {saved} initialisations, which do not split over "
+                          f"{where.n_devices} devices; resume with a device count that divides {saved}, or use a new --out")
+    log.info("resuming with the saved chunk size %d (this start would have chosen %d)", saved, chunk_size)
+    return saved
 
 
 def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, steps: int,
                 chunk_size: int | None = None, segment: int | None = None,
                 checkpoint_dir: str | os.PathLike | None = None,
-                progress: Callable[[int, int], None] | None = None):
-    """vmap ``init``/``run``/``finish`` over the leading axis of ``x0`` (K, ...) and ``hyper``.
+                progress: Callable[[int, int], None] | None = None,
+                devices: int | None = None):
+    """vmap ``init``/``run``/``finish`` over the leading axis of ``x0`` (K, ...) and ``hyper``,
+    with each chunk's batch sharded over ``devices`` local devices (None: all; see module doc).
 
     ``finish(state, hyper) -> dict`` gives final per-initialisation figures. Returns
-    ``(states, history, final)``: the final states (leading axis K), ``{name: (K, steps)}``,
-    and ``{name: (K,)}``. ``progress(steps_done_total, steps_total)`` is called after each segment.
+    ``(states, history, final)`` as host numpy arrays: the final states (leading axis K),
+    ``{name: (K, steps)}``, and ``{name: (K,)}``. ``progress(steps_done_total, steps_total)``
+    is called after each segment. ``chunk_size`` (default: K) is rounded up to a multiple of
+    the device count.
     """
+    where = placement(devices)
     n_inits = jax.tree_util.tree_leaves(x0)[0].shape[0]
     chunk_size = n_inits if chunk_size is None else int(chunk_size)
     if chunk_size < 1:
         raise ConfigError(f"chunk size must be >= 1, got {chunk_size}")
-    chunk_size = min(chunk_size, n_inits)
-    segment = max(1, min(int(segment or steps), steps)) if steps else 1
-    batched_init = jax.jit(jax.vmap(init))
-    batched_finish = jax.jit(jax.vmap(finish))
-    batched_run = jax.jit(jax.vmap(run, in_axes=(0, 0, None)), static_argnums=2)
+    chunk_size = where.round_up(min(chunk_size, n_inits))
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    chunk_size = _resume_chunk_size(checkpoint_dir, n_inits, chunk_size, where)
+    if checkpoint_dir is not None:
+        atomic_write_json(checkpoint_dir / LAYOUT_FILE, {"n_inits": n_inits, "chunk_size": chunk_size})
+    segment = max(1, min(int(segment or steps), steps)) if steps else 1
+    program = batched_program(init, run, finish, where)
     n_chunks = math.ceil(n_inits / chunk_size)
+    log.info("%d initialisations in %d chunk(s) of %d, sharded over %d %s device(s)", n_inits, n_chunks, chunk_size,
+             where.n_devices, where.devices[0].platform)
     states, histories, finals = [], [], []
     total = n_chunks * steps
     for c in range(n_chunks):
         index = np.arange(c * chunk_size, min((c + 1) * chunk_size, n_inits))
-        x0_c, hyper_c = _pad(_take(x0, index), chunk_size), _pad(_take(hyper, index), chunk_size)
-        state = batched_init(x0_c, hyper_c)
+        x0_c = where.put(_pad(_take(x0, index), chunk_size))
+        hyper_c = where.put(_pad(_take(hyper, index), chunk_size))
+        state = program.init(x0_c, hyper_c)
+        del x0_c  # the state holds what it needs; free the initial images' buffers during the run
         history: dict = {}
         done = 0
         path = checkpoint_dir / f"chunk_{c:04d}.npz" if checkpoint_dir else None
         if path is not None and path.is_file():
             state, history, done = _load_chunk(path, state)
+            state = where.put(state)
             log.info("chunk %d: resuming after %d of %d steps", c, done, steps)
         while done < steps:
             n = min(segment, steps - done)
-            state, record = batched_run(state, hyper_c, n)
+            state, record = program.run(state, hyper_c, n)
             record = {k: np.asarray(v) for k, v in record.items()}
             history = {k: np.concatenate([history[k], v], axis=1) if k in history else v for k, v in record.items()}
             done += n
@@ -137,11 +312,11 @@ def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, s
                 _save_chunk(path, state, history, done)
             if progress is not None:
                 progress(c * steps + done, total)
-        final = {k: np.asarray(v) for k, v in batched_finish(state, hyper_c).items()}
+        final = {k: np.asarray(v) for k, v in program.finish(state, hyper_c).items()}
         keep = slice(0, len(index))
-        states.append(_take(state, keep))
+        states.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[keep], state))
         histories.append({k: v[keep] for k, v in history.items()})
         finals.append({k: v[keep] for k, v in final.items()})
-    cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a]), *parts)
+    cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
     history = {k: np.concatenate([h[k] for h in histories]) for k in histories[0]}
     return cat(states), history, cat(finals)

@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recon_jax import bilevel, checkpoint, kkt
+from recon_jax import bilevel, checkpoint, kkt, memory
 from recon_jax.artifacts import atomic_save_npz, atomic_write_json, json_roundtrip, read_json, versions
-from recon_jax.batching import auto_chunk_size, run_batched
+from recon_jax.batching import auto_chunk_size, check_fits, run_batched, select_devices
 from recon_jax.errors import ConfigError
 from recon_jax.initialisation import initial_images, parse_init
 from recon_jax.models import count_params
@@ -97,6 +97,7 @@ class ReconstructionSpec:
     random_search: int | None = None
     pool: int = 0  # pool the candidates of this many best runs into pooled.npz
     chunk_size: int | None = None  # None: chosen from free memory
+    devices: int | None = None  # local devices the batch is sharded over; None: all
     segment: int = 100  # steps between checkpoints
     dtype: str | None = None  # None: the victim's dtype
     bilevel: bilevel.BilevelConfig = bilevel.BilevelConfig()
@@ -116,6 +117,9 @@ class ReconstructionSpec:
             raise ConfigError(f"--runs must be >= 1, got {self.random_search}")
         if self.segment < 1 or self.pool < 0:
             raise ConfigError("segment must be >= 1 and pool >= 0")
+        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int)
+                                         or self.devices < 1):
+            raise ConfigError(f"--devices must be a positive integer, got {self.devices!r}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,6 +151,7 @@ class Program:
     final_loss: str  # key of ``finish`` that is the run's objective
     bytes_per_run: int
     steps: int
+    fixed_bytes: int = 0  # device memory shared by all runs on a device (θ*), see recon_jax.memory
 
 
 def problem_from_victim(victim: checkpoint.Victim) -> bilevel.Problem:
@@ -156,22 +161,16 @@ def problem_from_victim(victim: checkpoint.Victim) -> bilevel.Problem:
                            objective=objective)
 
 
-def bytes_per_init(victim: checkpoint.Victim, config: bilevel.BilevelConfig, itemsize: int) -> int:
-    """Rough footprint of one bilevel run: images ×4 (x, Adam moments, gradient), θ-sized
-    vectors (θ, warm starts, gradient, L-BFGS history 2m, CG 4), and activations."""
-    n_params = count_params(victim.params)
-    image_size = victim.n_train * int(np.prod(victim.image_shape))
-    widths = sum(victim.model.hidden) + victim.model.n_out
-    theta_vectors = 8 + 2 * config.inner.history_size + 4
-    return itemsize * (4 * image_size + theta_vectors * n_params + 6 * victim.n_train * widths)
+def bytes_per_init(victim: checkpoint.Victim, config: bilevel.BilevelConfig, itemsize: int, segment: int = 100) -> int:
+    """Device bytes of one bilevel run (``recon_jax.memory.for_bilevel``: L-BFGS history, other
+    θ-sized vectors, images and optimiser moments, activations, history records)."""
+    return memory.for_bilevel(victim, config, itemsize, segment).per_init
 
 
-def _kkt_bytes_per_run(victim: checkpoint.Victim, m: int, itemsize: int) -> int:
-    """Candidates and λ ×4 (value, momentum, gradient, update), θ-sized G and its cotangents ×4,
-    and per-candidate activations kept for the double backward (×8)."""
-    image_size = m * int(np.prod(victim.image_shape))
-    widths = sum(victim.model.hidden) + victim.model.n_out
-    return itemsize * (4 * image_size + 4 * count_params(victim.params) + 8 * m * widths)
+def _kkt_bytes_per_run(victim: checkpoint.Victim, m: int, itemsize: int, config: kkt.KKTConfig | None = None,
+                       segment: int = 100) -> int:
+    """Device bytes of one KKT run (``recon_jax.memory.for_kkt``)."""
+    return memory.for_kkt(victim, config or kkt.KKTConfig(), m, itemsize, segment).per_init
 
 
 def _runs(spec: ReconstructionSpec, grid_names: tuple[str, ...], grid_values: tuple, sampled: dict | None,
@@ -222,8 +221,8 @@ def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
         run=lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
         finish=lambda s, h: bilevel.evaluate(config, problem, s),
         start=jnp.asarray(x0), hyper=hyper, labels=labels, init_centered=x0, run_settings=runs,
-        final_loss="outer_loss", bytes_per_run=bytes_per_init(victim, config, np.dtype(dtype).itemsize),
-        steps=config.steps)
+        final_loss="outer_loss", bytes_per_run=bytes_per_init(victim, config, np.dtype(dtype).itemsize, spec.segment),
+        steps=config.steps, fixed_bytes=count_params(victim.params) * np.dtype(dtype).itemsize)
 
 
 def _kkt_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
@@ -255,8 +254,9 @@ def _kkt_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
         run=lambda s, h, n: kkt.run_steps(config, problem, h, s, n),
         finish=lambda s, h: kkt.evaluate(config, problem, h, s),
         start=(jnp.asarray(x0), lambdas), hyper=hyper, labels=labels, init_centered=x0, run_settings=runs,
-        final_loss="kkt_loss", bytes_per_run=_kkt_bytes_per_run(victim, m, np.dtype(dtype).itemsize),
-        steps=config.steps)
+        final_loss="kkt_loss",
+        bytes_per_run=_kkt_bytes_per_run(victim, m, np.dtype(dtype).itemsize, config, spec.segment),
+        steps=config.steps, fixed_bytes=count_params(victim.params) * np.dtype(dtype).itemsize)
 
 
 def sorted_ground_truth(directory) -> dict | None:
@@ -296,7 +296,10 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     out_dir = Path(out_dir)
     victim = checkpoint.load_victim(victim_dir, dtype=spec.dtype)
     dtype = resolve_dtype(spec.dtype or victim.train_config.dtype)
-    spec_json = json_roundtrip({"victim": str(Path(victim_dir).resolve()), **spec.to_json()})
+    # The device count is not part of a run's identity: results do not depend on it, so a run
+    # interrupted on one machine may resume on another (batching keeps the saved chunk size).
+    spec_json = json_roundtrip({"victim": str(Path(victim_dir).resolve()),
+                                **{k: v for k, v in spec.to_json().items() if k != "devices"}})
     if (out_dir / "run.json").is_file() and not overwrite:
         saved = read_json(out_dir / "run.json")
         if saved.get("spec") == spec_json:
@@ -320,13 +323,19 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     if not np.all(np.isfinite(program.init_centered)):
         raise ConfigError("initial images contain non-finite values")
     n_runs = len(program.init_centered)
-    chunk_size = spec.chunk_size or auto_chunk_size(n_runs, program.bytes_per_run)
+    if spec.chunk_size:
+        chunk_size = spec.chunk_size
+        check_fits(chunk_size, program.bytes_per_run, devices=spec.devices, fixed_bytes=program.fixed_bytes)
+    else:
+        chunk_size = auto_chunk_size(n_runs, program.bytes_per_run, devices=spec.devices,
+                                     fixed_bytes=program.fixed_bytes)
     atomic_write_json(out_dir / "spec.json", spec_json)
 
     start = time.perf_counter()
     states, history, final = run_batched(
         program.init, program.run, program.finish, program.start, program.hyper, steps=program.steps,
-        chunk_size=chunk_size, segment=spec.segment, checkpoint_dir=out_dir / "chunks", progress=progress)
+        chunk_size=chunk_size, segment=spec.segment, checkpoint_dir=out_dir / "chunks", progress=progress,
+        devices=spec.devices)
     seconds = time.perf_counter() - start
 
     centered = np.asarray(states.images)
@@ -352,6 +361,8 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
         "n_images": int(len(program.labels)),
         "image_shape": list(victim.image_shape),
         "chunk_size": chunk_size,
+        "devices": len(select_devices(spec.devices)),
+        "bytes_per_run_estimate": program.bytes_per_run,
         "dtype": np.dtype(dtype).name,
         "image_mapping": mapping,
         "victim_stationary": bool(victim.report.get("stationary", False)),
