@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 
 AXIS = "inits"  # the mesh axis the batch of initialisations is split over
 LAYOUT_FILE = "layout.json"  # in checkpoint_dir: the chunking a resumed run must keep
-DEFAULT_MEMORY_FRACTION = 0.25  # of the free memory the automatic chunk size may plan for
+# Share of each device's free memory the automatic chunk size plans for: CPU memory is shared
+# with other processes; an accelerator's JAX pool is already 75% of the device (recon_jax.memory).
+MEMORY_FRACTION = {"cpu": 0.25}
+ACCELERATOR_MEMORY_FRACTION = 0.5
 
 
 def select_devices(devices: int | None = None) -> list:
@@ -162,23 +165,27 @@ def _host_available_bytes() -> int:
     return 4 << 30
 
 
-def auto_chunk_size(n_inits: int, bytes_per_init: int, fraction: float = DEFAULT_MEMORY_FRACTION, *,
+def auto_chunk_size(n_inits: int, bytes_per_init: int, fraction: float | None = None, *,
                     devices: int | None = None, fixed_bytes: int = 0) -> int:
-    """Largest chunk whose estimated footprint fits in ``fraction`` of each device's free memory.
+    """Largest chunk whose estimated footprint fits in ``fraction`` of each device's free memory
+    (default: 25% on CPU, 50% on an accelerator).
 
     Each of the n devices holds chunk/n initialisations (``bytes_per_init`` each) plus
     ``fixed_bytes`` that every device holds once (θ*, labels). The result is at least one
     initialisation per device, a multiple of n, and at most ``n_inits`` rounded up to one.
     Raises ConfigError, before any work, when even one initialisation does not fit.
     """
-    n_devices = len(select_devices(devices))
+    chosen = select_devices(devices)
+    n_devices = len(chosen)
+    if fraction is None:
+        fraction = MEMORY_FRACTION.get(chosen[0].platform, ACCELERATOR_MEMORY_FRACTION)
     free = available_memory_bytes() if devices is None else available_memory_bytes(devices)
     budget = fraction * free
     if bytes_per_init + fixed_bytes > budget:
         raise ConfigError(
-            f"one initialisation needs about {bytes_per_init / 2**30:.2f} GiB "
-            f"(+ {fixed_bytes / 2**30:.2f} GiB shared) but only {budget / 2**30:.2f} GiB is budgeted "
-            f"({fraction:.0%} of the {free / 2**30:.2f} GiB free per device); use fewer images or candidates, a "
+            f"one initialisation needs about {bytes_per_init / 2**30:.3g} GiB "
+            f"(+ {fixed_bytes / 2**30:.3g} GiB shared) but only {budget / 2**30:.3g} GiB is budgeted "
+            f"({fraction:.0%} of the {free / 2**30:.3g} GiB free per device); use fewer images or candidates, a "
             "smaller victim, float32, a smaller L-BFGS history, or a device with more memory")
     per_device = int((budget - fixed_bytes) // bytes_per_init)
     per_device = max(1, min(per_device, math.ceil(n_inits / n_devices)))
@@ -192,8 +199,8 @@ def check_fits(chunk_size: int, bytes_per_init: int, *, devices: int | None = No
     free = available_memory_bytes() if devices is None else available_memory_bytes(devices)
     if bytes_per_init + fixed_bytes > free:
         raise ConfigError(
-            f"one initialisation needs about {bytes_per_init / 2**30:.2f} GiB (+ {fixed_bytes / 2**30:.2f} GiB shared) "
-            f"but a device has only {free / 2**30:.2f} GiB free; use fewer images or candidates, a smaller victim, "
+            f"one initialisation needs about {bytes_per_init / 2**30:.3g} GiB (+ {fixed_bytes / 2**30:.3g} GiB shared) "
+            f"but a device has only {free / 2**30:.3g} GiB free; use fewer images or candidates, a smaller victim, "
             "float32, a smaller L-BFGS history, or a device with more memory")
     per_device = math.ceil(chunk_size / n_devices)
     if per_device * bytes_per_init + fixed_bytes > free:

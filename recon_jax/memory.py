@@ -36,20 +36,41 @@ widths and outputs), and the history records R (5 per step and initialisation, �
 
 The coefficients are counts of arrays that XLA keeps live at the program's peak, read off
 ``jax.jit(...).lower(...).compile().memory_analysis()`` (argument + output + temp − alias
-bytes) of the library's own vmapped segments on CPU for chunk sizes K = 1, 8, 32, with the
-slope d bytes / d K compared to the model (``compiled_bytes`` and ``measured_per_init``;
-``python -m recon_jax.memory`` prints the table, ``tests/test_memory.py`` asserts it):
+bytes) of the library's own vmapped segments (10 steps) on CPU for chunk sizes K = 1, 8, 32,
+with the slope d bytes / d K (least squares) compared to the model. ``python -m
+recon_jax.memory [--reference]`` prints this table; ``tests/test_memory.py`` asserts the
+ratio on cases outside it. JAX 0.10.2 CPU, float64, 2026-11-28 (float32 gives the same word
+counts, i.e. half the bytes):
 
-    method  victim (images)                        model/measured slope
-    bilevel affine 8×8×1 (20), jaxopt             see ``python -m recon_jax.memory`` and
-    ...                                            benchmarks/README.md for the figures
+    case                                               measured MiB/init  model MiB/init  model/measured
+    bilevel 64-10 affine, N=20, jaxopt, s=10                       0.351           0.348   0.989
+    bilevel 3072-10 affine, N=10, jaxopt, s=10                    14.515          14.539   1.002
+    bilevel 3072-10 affine, N=100, jaxopt, s=10                   29.277          29.332   1.002
+    bilevel 3072-64-10 gelu, N=10, jaxopt, s=10                   84.488          84.463   1.000
+    bilevel 784-256-10 gelu, N=20, jaxopt, s=10                   86.257          86.405   1.002
+    bilevel 3072-10 affine, N=10, jaxopt, s=5                      9.849           9.850   1.000
+    bilevel 3072-10 affine, N=10, custom_vjp, s=10                14.288          14.305   1.001
+    bilevel 3072-64-10 gelu, N=10, custom_vjp, s=10               86.917          85.500   0.984
+    kkt 192-64-64-1 relu, m=20, sgd                                0.348           0.364   1.047
+    kkt 192-64-64-1 relu, m=200, sgd                               2.157           1.950   0.904
+    kkt 192-512-512-1 relu, m=40, sgd                              5.204           5.173   0.994
+    kkt 3072-128-128-1 relu, m=40, sgd                             9.998           9.986   0.999
+    kkt 784-1000-1 gelu, m=200, sgd                               24.514          24.385   0.995
+    kkt 192-64-64-1 relu, m=20, adam                               0.406           0.423   1.040
+    kkt 192-64-4 tanh, m=20, multiclass, sgd                       0.339           0.336   0.993
+    benchmark shapes (compiled at K = 2, 4, not run):
+    bilevel 3072-10 affine, N=100, jaxopt                         29.319          29.332   1.000
+    bilevel 3072-1000-10 gelu, N=100, jaxopt                    1313.175        1313.171   1.000
+    kkt 3072-1000-1000-1 relu, m=1000, sgd                       170.632         186.425   1.093
 
-Measured on JAX 0.10.2 CPU (float64 and float32 give the same word counts): the bilevel
-model is within 2% of the compiled slope for affine and one-hidden-layer victims (from
-affine 8×8 digits to 3072-1000-10 gelu on 100 CIFAR-sized images); the KKT model is within
-±10% from 192-32-32-1 to the reference 3072-1000-1000-1 with m = 1000. The figures are
-XLA's static buffer assignment; a GPU build fuses differently, so ``benchmarks/gpu.py``
-prints its measured peak (``memory_stats()['peak_bytes_in_use']``) beside this estimate.
+So the bilevel model is within 2% of the compiled slope for affine and one-hidden-layer
+victims, and the KKT model within 10% from 192-64-64-1 to the reference 3072-1000-1000-1
+with m = 1000. These are XLA:CPU's static buffer assignments; a GPU build fuses
+differently, so ``benchmarks/gpu.py`` prints its measured peak
+(``memory_stats()['peak_bytes_in_use']``) beside this estimate. ``batching.auto_chunk_size``
+plans for a fraction of the free memory (25% on CPU, whose memory other processes share;
+50% on accelerators, whose JAX pool is already 75% of the device), which leaves room for
+the model's error, the ``finish`` program and the host transfers.
 """
 
 from __future__ import annotations
@@ -185,7 +206,7 @@ def measured_per_init(init, run, finish, start, hyper, segment: int, ks: Sequenc
 
 def bilevel_case(hidden: Sequence[int], image_shape: Sequence[int], n_images: int, n_out: int = 10, *,
                  backend: str = "jaxopt", history_size: int = 10, optimizer: str = "adam", segment: int = 10,
-                 activation: str = "gelu", dtype=None) -> dict:
+                 activation: str = "gelu", record_cg_residual: bool = True, dtype=None) -> dict:
     """A bilevel program on a random victim (memory does not depend on the values), with its estimate.
 
     Returns {"name", "program": (init, run, finish, start, hyper) for one initialisation, "segment", "estimate"}.
@@ -203,7 +224,7 @@ def bilevel_case(hidden: Sequence[int], image_shape: Sequence[int], n_images: in
     params = init_params(model, jax.random.key(0), image_shape, dtype)
     problem = bilevel.Problem(victim_params=params, labels=jnp.arange(n_images) % n_out,
                               objective=make_objective(model.apply, "ce", 1e-3))
-    config = bilevel.BilevelConfig(steps=segment, optimizer=optimizer,
+    config = bilevel.BilevelConfig(steps=segment, optimizer=optimizer, record_cg_residual=record_cg_residual,
                                    inner=InnerConfig(backend=backend, history_size=history_size))
     program = (lambda x, h: bilevel.init_state(config, problem, x),
                lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
@@ -212,7 +233,8 @@ def bilevel_case(hidden: Sequence[int], image_shape: Sequence[int], n_images: in
                bilevel.Hyper(*(jnp.zeros((), dtype) for _ in range(3))))
     estimate = bilevel_estimate(n_params=count_params(params), n_images=n_images, image_size=math.prod(image_shape),
                                 widths=(*hidden, n_out), itemsize=dtype.itemsize, history_size=history_size,
-                                backend=backend, optimizer=optimizer, segment=segment)
+                                backend=backend, optimizer=optimizer, record_cg_residual=record_cg_residual,
+                                segment=segment)
     dims = "-".join(map(str, (math.prod(image_shape), *hidden, n_out)))
     name = f"bilevel {dims} {activation if hidden else 'affine'}, N={n_images}, {backend}, s={history_size}, {optimizer}"
     return {"name": name, "program": program, "segment": segment, "estimate": estimate}

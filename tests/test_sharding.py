@@ -180,13 +180,15 @@ def test_device_selection_and_rounding():
 
 
 def test_auto_chunk_size_uses_each_devices_share(monkeypatch):
-    monkeypatch.setattr(batching, "select_devices", lambda devices=None: [object()] * (4 if devices is None else devices))
+    cpu = jax.local_devices()[0]
+    monkeypatch.setattr(batching, "select_devices", lambda devices=None: [cpu] * (4 if devices is None else devices))
     monkeypatch.setattr(batching, "available_memory_bytes", lambda devices=None: 4_000_000)
     # 25% of 4 MB per device = 1 MB; 100 kB shared leaves 900 kB = 9 initialisations per device.
     assert batching.auto_chunk_size(1000, 100_000, fixed_bytes=100_000) == 36
     assert batching.auto_chunk_size(1000, 100_000, devices=2) == 20
     assert batching.auto_chunk_size(5, 100_000) == 8  # at least one per device, a multiple of 4
-    with pytest.raises(ConfigError, match=r"one initialisation needs about 0\.00 GiB .* only 0\.00 GiB is budgeted"):
+    with pytest.raises(ConfigError, match=r"one initialisation needs about 0\.0014 GiB .* only 0\.000931 GiB is "
+                                          r"budgeted \(25% of the 0\.00373 GiB free per device\)"):
         batching.auto_chunk_size(1, 1_500_000)
 
 
