@@ -268,6 +268,9 @@ def _add_study(sub) -> None:
                                                   "(default: the built-in default study)")
     p.add_argument("--dataset", default=None, help="override the config's dataset, e.g. cifar10 (the study name "
                                                    "gets -DATASET appended)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted key, e.g. --set methods.bilevel.steps=100 "
+                        "--set n_inits=2 (TOML values; repeatable)")
     p.add_argument("--out", default=None, help="study folder (default: runs/NAME)")
     p.add_argument("--no-figures", action="store_true", help="skip figures and report.md")
     p.add_argument("--print-config", action="store_true", help="print the validated config as JSON and exit")
@@ -286,6 +289,7 @@ def _run_study(args) -> int:
 
     distributed.resolve(args.coordinator, args.num_processes, args.process_id)  # fail fast, before any work
     raw = studyconfig.read_raw(args.config) if args.config else studyconfig.DEFAULT_STUDY
+    raw = studyconfig.apply_overrides(raw, args.set)
     if studyconfig.needs_float64(raw):
         enable_float64()
     name = raw.get("name", Path(args.config).stem if args.config else "study")

@@ -275,6 +275,32 @@ def config_from_dict(raw: dict, *, name: str | None = None, dataset: str | None 
     return config
 
 
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``["methods.bilevel.steps=100", "inits=['gaussian:0.1']"]`` applied to a copy of ``raw``.
+
+    Keys are dotted paths into the file's tables (missing tables are created); values are TOML
+    values (numbers, booleans, "strings", [arrays]), and a bare word is read as a string. The
+    result is validated like the file itself.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE with a dotted key, e.g. methods.bilevel.steps=100; got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        *parents, leaf = [part.strip() for part in key.split(".")]
+        table = raw
+        for part in parents:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a table")
+        table[leaf] = value
+    return raw
+
+
 def needs_float64(raw: dict) -> bool:
     """True if any victim or method of the parsed file runs in float64 (the default dtype), so
     JAX's x64 mode must be on before the config is validated."""

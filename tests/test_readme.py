@@ -17,3 +17,14 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     assert namespace["final"]["outer_loss"].shape == (namespace["K"],)
     assert namespace["history"]["outer_loss"].shape == (namespace["K"], 5)
     assert (tmp_path / "runs" / "my-sweep" / "chunk_0001.npz").is_file()
+
+
+def test_study_example_runs(tmp_path, monkeypatch):
+    text = README.read_text()
+    section = text[text.index("## Python API"):]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    assert "study.run_study" in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert len(namespace["results"]) == 4 and (tmp_path / "runs" / "mini" / "summary.csv").is_file()

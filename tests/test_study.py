@@ -74,6 +74,17 @@ def test_config_files_and_overrides(tmp_path):
         studyconfig.load_config(tmp_path / "missing.toml")
 
 
+def test_overrides():
+    raw = studyconfig.apply_overrides(TINY, ["methods.bilevel.steps=7", "n_inits=3", "inits=['heldout']",
+                                              "data.dataset=mnist", "landscape.inits=[]"])
+    assert raw["methods"]["bilevel"]["steps"] == 7 and raw["n_inits"] == 3 and raw["inits"] == ["heldout"]
+    assert raw["data"]["dataset"] == "mnist" and TINY["n_inits"] == 2  # a copy
+    with pytest.raises(ConfigError, match="--set takes KEY=VALUE"):
+        studyconfig.apply_overrides(TINY, ["steps"])
+    with pytest.raises(ConfigError, match="'name' is not a table"):
+        studyconfig.apply_overrides(TINY, ["name.x=1"])
+
+
 def test_default_study_is_valid_and_on_digits():
     config = studyconfig.default_config()
     assert all(v.dataset == "digits" for v in config.victims.values())
