@@ -273,6 +273,9 @@ def _add_study(sub) -> None:
                         "--set n_inits=2 (TOML values; repeatable)")
     p.add_argument("--out", default=None, help="study folder (default: runs/NAME)")
     p.add_argument("--no-figures", action="store_true", help="skip figures and report.md")
+    p.add_argument("--extend", action="store_true",
+                   help="accept a changed config in an existing --out: finished cells whose settings are "
+                        "unchanged are reused, the rest run")
     p.add_argument("--print-config", action="store_true", help="print the validated config as JSON and exit")
     h = p.add_argument_group("multi-host (jax.distributed; --out must be on a filesystem every process sees)")
     h.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (or $RECON_JAX_COORDINATOR)")
@@ -303,7 +306,7 @@ def _run_study(args) -> int:
     prefix = f"[process {ctx.process_index}/{ctx.process_count}] " if ctx.process_count > 1 else ""
     results = study.run_study(config, out, process_index=ctx.process_index, process_count=ctx.process_count,
                               barrier=ctx.barrier, echo=lambda line: print(prefix + line, file=sys.stderr, flush=True),
-                              report=not args.no_figures)
+                              report=not args.no_figures, extend=args.extend)
     if ctx.is_main:
         print(f"{len(results)} cells; wrote {out / 'summary.csv'}" + ("" if args.no_figures else
                                                                        f" and {out / 'report.md'}"))

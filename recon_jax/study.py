@@ -39,6 +39,7 @@ training images), x₀ the initial and x the final images, all mapped to [0,1]:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -205,6 +206,7 @@ def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[
         "param_mismatch_median": float(np.median(mismatch)),
         **own, **{k: evaluation.get(k) for k in METRIC_COLUMNS if k in evaluation}, **minima, **landscape,
         "spec": json_roundtrip(spec.to_json()),
+        "key": cell_key(config, cell),
     }
     result.update(timings, seconds=sum(timings.values()))
     atomic_write_json(cell_dir / "cell.json", json_roundtrip(result))
@@ -232,12 +234,24 @@ def summary_csv(results: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _check_out(config: StudyConfig, out: Path) -> None:
+def _check_out(config: StudyConfig, out: Path, extend: bool) -> None:
     saved = out / "config.json"
     mine = json_roundtrip(config.to_json())
-    if saved.is_file() and read_json(saved) != mine:
-        raise ConfigError(f"{out} holds a study with a different config; choose another --out (or delete {out})")
+    if saved.is_file() and read_json(saved) != mine and not extend:
+        raise ConfigError(f"{out} holds a study with a different config; choose another --out, or pass --extend "
+                          "to reuse the cells whose settings are unchanged")
     atomic_write_json(saved, mine)
+
+
+def cell_key(config: StudyConfig, cell: Cell) -> dict:
+    """Everything a cell's result depends on: its run spec, its victim's spec, and the
+    evaluation settings (distinct-minima tolerances; landscape slices if the cell has them).
+    A finished cell is reused only if its saved key equals this one."""
+    landscape = dataclasses.asdict(config.landscape) if cell.init in config.landscape.inits else None
+    if landscape is not None:
+        landscape.pop("inits")
+    return json_roundtrip({"spec": config.spec(cell).to_json(), "victim": config.victims[cell.victim].to_json(),
+                           "minima": dataclasses.asdict(config.minima), "landscape": landscape})
 
 
 class Progress:
@@ -264,7 +278,7 @@ class Progress:
 
 def run_study(config: StudyConfig, out_dir: str | os.PathLike, *, process_index: int = 0, process_count: int = 1,
               barrier: Callable[[str], None] | None = None, echo: Callable[[str], None] | None = None,
-              report: bool = True) -> list[dict]:
+              report: bool = True, extend: bool = False) -> list[dict]:
     """Run every cell of ``config`` into ``out_dir`` (module doc); returns the cells' results.
 
     With ``process_count`` > 1 (multi-host, ``recon_jax.distributed``), process p runs the
@@ -275,7 +289,7 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, *, process_index:
     out = Path(out_dir)
     cells = config.cells()
     if process_index == 0:
-        _check_out(config, out)
+        _check_out(config, out, extend)
         prepare_victims(config, out)
     if barrier is not None:
         barrier("victims")
@@ -286,7 +300,9 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, *, process_index:
         if index % process_count != process_index:
             continue
         path = _cell_dir(out, cell) / "cell.json"
-        if path.is_file() and read_json(path).get("spec") == json_roundtrip(config.spec(cell).to_json()):
+        saved = read_json(path) if path.is_file() else None
+        if saved is not None and (saved.get("key") == cell_key(config, cell) or (  # cells from before keys: by spec
+                "key" not in saved and saved.get("spec") == json_roundtrip(config.spec(cell).to_json()))):
             progress.cell(index, cell, "done earlier, reused")
             continue
         progress.cell(index, cell, "running")

@@ -132,6 +132,14 @@ def test_study_outputs(tmp_path):
     other = studyconfig.config_from_dict({**TINY, "n_inits": 3})
     with pytest.raises(ConfigError, match="holds a study with a different config"):
         study.run_study(other, out, echo=lambda line: None)
+    # --extend: a config with one init fewer reuses the cells whose run, victim and evaluation
+    # settings are unchanged, and lists only its own cells.
+    smaller = studyconfig.config_from_dict({**TINY, "inits": ["gaussian:0.1"]})
+    lines = []
+    results = study.run_study(smaller, out, echo=lines.append, report=False, extend=True)
+    assert [r["init"] for r in results] == ["gaussian:0.1"] * 2
+    assert sum("done earlier, reused" in line for line in lines) == 2
+    assert len(_rows(out / "summary.csv")) == 2
 
 
 def _study_command(config_path: Path, out: Path) -> list[str]:
