@@ -294,6 +294,46 @@ def test_nan_candidate_freezes_only_its_run():
 # reference conventions: labels, multipliers, random search, FLOPs
 # ----------------------------------------------------------------------------------------
 
+def test_sgd_update_is_the_reference_torch_sgd_with_momentum():
+    """The reference optimises x and λ with two ``torch.optim.SGD(momentum=0.9)`` (dampening 0,
+    no Nesterov): u ← μu + ∇ (u₀ = 0, so the first u is the gradient), p ← p − lr·u, with lr_x
+    on x and lr_λ on λ, both gradients taken of the same L_KKT at the same (x, λ). Three steps
+    written out by hand against ``kkt.step``."""
+    problem, hyper, images, lambdas = _sweep_setup()
+    hyper = jax.tree_util.tree_map(lambda a: a[1], hyper)
+    config = kkt.KKTConfig(momentum=0.9)
+    grad = jax.grad(lambda x, lam: kkt.kkt_loss(config, problem, hyper, x, lam)[0], argnums=(0, 1))
+    x, lam = images[0], lambdas[0]
+    u_x, u_lam = jnp.zeros_like(x), jnp.zeros_like(lam)
+    state = kkt.init_state(config, problem, x, lam)
+    for _ in range(3):
+        g_x, g_lam = grad(x, lam)
+        u_x, u_lam = 0.9 * u_x + g_x, 0.9 * u_lam + g_lam
+        x, lam = x - hyper.lr_x * u_x, lam - hyper.lr_lambda * u_lam
+        state, _ = kkt.step(config, problem, hyper, state)
+        np.testing.assert_allclose(state.images, x, rtol=1e-13, atol=1e-300)
+        np.testing.assert_allclose(state.lambdas, lam, rtol=1e-13, atol=1e-300)
+
+
+def test_reference_loss_on_a_hand_computed_case():
+    """L_KKT of the reference's get_kkt_loss + get_verify_loss, written out for an affine binary
+    victim (∇_w Φ(x) = x, ∇_b Φ = 1): Σ_t ‖θ*_t − (1/m) Σ_j λ_j y_j ∇_tΦ(x_j)‖², plus
+    Σ relu(x − 1)² + relu(−1 − x)², plus 5 Σ relu(λ_min − λ)². No normalisation by ‖θ*‖."""
+    images = jnp.array([[[[0.5], [1.5]]], [[[-2.0], [0.25]]]])  # (m=2, 1, 2, 1)
+    labels = jnp.array([0, 1])  # y = −1, +1
+    lambdas = jnp.array([0.02, 0.7])
+    kernel, bias = np.array([[0.3], [-0.1]]), np.array([0.2])
+    problem = kkt.Problem(victim_params=_affine_params(kernel, bias), labels=labels, model=MLP(n_out=1))
+    y = np.array([-1.0, 1.0])
+    flat = np.asarray(images).reshape(2, -1)
+    combination_w = (lambdas * y) @ flat / 2
+    combination_b = np.sum(lambdas * y) / 2
+    expected = (np.sum((kernel[:, 0] - combination_w) ** 2) + (bias[0] - combination_b) ** 2
+                + 0.5 ** 2 + 1.0 ** 2 + 5 * (0.1 - 0.02) ** 2)
+    total, _ = kkt.kkt_loss(kkt.KKTConfig(), problem, kkt.Hyper(lr_x=1.0, lambda_min=0.1), images, lambdas)
+    np.testing.assert_allclose(float(total), expected, rtol=1e-14)
+
+
 def test_candidate_labels_are_class_balanced():
     np.testing.assert_array_equal(kkt.candidate_labels((2, 2), task="binary"), [0, 0, 0, 0, 1, 1, 1, 1])  # m = 2N
     np.testing.assert_array_equal(kkt.candidate_labels((5, 5, 5), 7, "multiclass"), [0, 0, 0, 1, 1, 2, 2])
@@ -331,7 +371,9 @@ def test_flops_per_step():
     cost = jax.jit(lambda h, s: kkt.step(config, problem, h, s)).lower(
         kkt.Hyper(lr_x=jnp.asarray(0.1)), state).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    assert 0.95 <= cost["flops"] / kkt.flops_per_step(model, shape, m) <= 1.15
+    # Elementwise work is outside the analytic count: 1.14 with XLA's default CPU flags and
+    # 1.16 with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false (measured), hence the margin.
+    assert 0.95 <= cost["flops"] / kkt.flops_per_step(model, shape, m) <= 1.25
 
 
 # ----------------------------------------------------------------------------------------
