@@ -14,9 +14,16 @@ What is measured (medians over repeats, after a compiling warm-up; every result 
    single-run steps (one compiled program called 8 times): the time ratio vmapped /
    sequential (< 1 means the batch is cheaper than the loop).
 
-Command (from the repository root; a few minutes on a 2-core CPU, float64 being the slow half):
+Command (from the repository root):
 
-    python benchmarks/kkt.py [--quick] [--m 1000] [--runs 8] [--json PATH]
+    python benchmarks/kkt.py [--quick] [--m 1000] [--runs 8] [--repeats 3] [--json PATH]
+
+The full size took 2 min 23 s of wall time pinned to one core (``taskset -c 1``, XLA
+single-threaded), with a peak resident memory of 2.2 GB. ``--quick`` takes about 20 s. The header
+line prints the load average and the CPU seconds the process got per wall second. When
+that is below 1 with one pinned single-threaded core, other jobs shared the core, and every
+time is inflated by about its inverse. The figures measured on 2026-11-28 are in
+benchmarks/README.md.
 
 ``--quick`` shrinks to D-256-256-1 and m = 100 for a smoke run. The victim weights are
 random (the reference initialisation scaled up so activations are not all zero): the cost of
@@ -74,7 +81,7 @@ def bench(dtype, hidden, image_shape, m, runs, repeats) -> dict:
                                          hyper)
     batch_state = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (runs, *jnp.shape(a))), state)
     vmapped = jax.jit(jax.vmap(lambda h, s: kkt.step(config, problem, h, s)[0]))
-    vmapped_seconds = median_seconds(lambda: vmapped(batch_hyper, batch_state), max(1, repeats // 2))
+    vmapped_seconds = median_seconds(lambda: vmapped(batch_hyper, batch_state), repeats)
 
     def sequential():
         out = None
@@ -82,7 +89,7 @@ def bench(dtype, hidden, image_shape, m, runs, repeats) -> dict:
             out = single(jax.tree_util.tree_map(lambda a: a[r], batch_hyper), state)
         return out
 
-    sequential_seconds = median_seconds(sequential, max(1, repeats // 2))
+    sequential_seconds = median_seconds(sequential, repeats)
     return {"dtype": jnp.dtype(dtype).name, "hidden": list(hidden), "image_shape": list(image_shape), "m": m,
             "step_seconds": step_seconds, "flops_per_step": flops, "xla_flops_per_step": xla_flops,
             "gflops_per_second": flops / step_seconds / 1e9, "runs": runs, "vmapped_seconds": vmapped_seconds,
@@ -100,9 +107,15 @@ def main() -> None:
     enable_float64()
     hidden = (256, 256) if args.quick else (1000, 1000)
     m = args.m or (100 if args.quick else 1000)
+    load_start, wall_start, cpu_start = os.getloadavg()[0], time.perf_counter(), time.process_time()
     results = [bench(dtype, hidden, (32, 32, 3), m, args.runs, args.repeats) for dtype in (jnp.float64, jnp.float32)]
-    print(f"KKT step, D=3072, {'-'.join(map(str, hidden))}-1, m={m}; {os.cpu_count()} CPUs, jax {jax.__version__} "
-          f"({jax.default_backend()}), {datetime.date.today()}")
+    # CPU seconds this process got per wall second: ≈ the threads XLA uses when the machine
+    # is otherwise idle (1.0 pinned to one core, single-threaded); less means other jobs
+    # shared the core(s) and every time below is inflated by about that factor.
+    cpu_share = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
+    print(f"KKT step, D=3072, {'-'.join(map(str, hidden))}-1, m={m}; {len(os.sched_getaffinity(0))} of "
+          f"{os.cpu_count()} CPUs usable, jax {jax.__version__} ({jax.default_backend()}), {datetime.date.today()}; "
+          f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f}, CPU seconds per wall second {cpu_share:.2f}")
     print(f"{'dtype':8} {'s/step':>9} {'GFLOP/step':>11} {'XLA GFLOP':>10} {'GFLOP/s':>8} "
           f"{'R':>3} {'vmapped s':>10} {'sequential s':>13} {'ratio':>6}")
     for r in results:
@@ -111,7 +124,8 @@ def main() -> None:
               f"{r['vmapped_seconds']:10.3f} {r['sequential_seconds']:13.3f} {r['vmapped_over_sequential']:6.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"results": results, "cpu_share": cpu_share, "load_average_start": load_start,
+                       "date": str(datetime.date.today())}, f, indent=2)
 
 
 if __name__ == "__main__":
