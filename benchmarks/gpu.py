@@ -28,10 +28,11 @@ FLOPs are model FLOPs (matrix multiplies, 2 per multiply-add), derived here:
   MLP with layer weight counts P_l (P_w = Σ P_l) on N images,
     F_g    = 6·N·P_w − 2·N·P_1   one value-and-gradient of the training loss (forward 2NP_w,
                                  weight gradients 2NP_w, activation gradients 2N(P_w − P_1))
-    F_hvp  = 18·N·P_w − 10·N·P_1 one Hessian-vector product (forward-over-reverse: each of the
-                                 gradient's matmuls has a tangent per operand that depends on θ)
-    F_xvjp = 14·N·P_w − 4·N·P_1  the VJP −(∂_x∇_θL)ᵀv that gives ∇_x (the same double backward
-                                 as a KKT step)
+    F_hvp  = 16·N·P_w − 10·N·P_1 one Hessian-vector product (forward-over-reverse: each of the
+                                 gradient's matmuls has a tangent per operand that depends on θ;
+                                 the primal weight gradients themselves are not needed, −2NP_w)
+    F_xvjp = 12·N·P_w − 4·N·P_1  the VJP −(∂_x∇_θL)ᵀv that gives ∇_x (the double backward of a
+                                 KKT step, 14mP − 4m·d₀d₁, less the unused primal weight gradients)
   E = value-and-gradient evaluations of the inner L-BFGS per step = (inner iterations, read from
   the timed run's history, per step and initialisation) × (evaluations per iteration, counted by
   jaxopt on a probe solve of initialisation 0 at the final state); C = adjoint CG iterations,
@@ -202,7 +203,7 @@ def bilevel_piece_flops(model: MLP, image_shape, n: int) -> dict:
     """Analytic matmul FLOPs of the pieces of an outer step (see the module docstring)."""
     p = layer_weights(model, image_shape)
     p_w, p_1 = sum(p), p[0]
-    return {"grad": 6 * n * p_w - 2 * n * p_1, "hvp": 18 * n * p_w - 10 * n * p_1, "xvjp": 14 * n * p_w - 4 * n * p_1}
+    return {"grad": 6 * n * p_w - 2 * n * p_1, "hvp": 16 * n * p_w - 10 * n * p_1, "xvjp": 12 * n * p_w - 4 * n * p_1}
 
 
 def xla_flops(fn, *args) -> float:

@@ -323,6 +323,7 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     if not np.all(np.isfinite(program.init_centered)):
         raise ConfigError("initial images contain non-finite values")
     n_runs = len(program.init_centered)
+    n_devices = len(select_devices(spec.devices))  # fails here, before any work, if there are fewer
     if spec.chunk_size:
         chunk_size = spec.chunk_size
         check_fits(chunk_size, program.bytes_per_run, devices=spec.devices, fixed_bytes=program.fixed_bytes)
@@ -360,8 +361,8 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
         "n_runs": n_runs,
         "n_images": int(len(program.labels)),
         "image_shape": list(victim.image_shape),
-        "chunk_size": chunk_size,
-        "devices": len(select_devices(spec.devices)),
+        "chunk_size": -(-min(chunk_size, n_runs) // n_devices) * n_devices,  # as run_batched rounds it
+        "devices": n_devices,
         "bytes_per_run_estimate": program.bytes_per_run,
         "dtype": np.dtype(dtype).name,
         "image_mapping": mapping,
