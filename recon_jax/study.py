@@ -44,6 +44,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,12 +158,29 @@ def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path,
     return figures
 
 
+def _clear_stale(cell_dir: Path, spec_json: dict) -> None:
+    """Remove a cell folder left by different settings (a config changed under ``extend``), so
+    the cell reruns from scratch; a folder with the same run spec is kept and resumes."""
+    run_dir = cell_dir / "run"
+    for name in ("run.json", "spec.json"):
+        path = run_dir / name
+        if path.is_file():
+            saved = read_json(path)
+            saved = saved.get("spec") if name == "run.json" else saved
+            if saved != spec_json:
+                log.info("%s holds a run with other settings; removing it", cell_dir)
+                shutil.rmtree(cell_dir)
+            return
+    (cell_dir / "cell.json").unlink(missing_ok=True)
+
+
 def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[int, int], None] | None = None) -> dict:
     """Run, evaluate and describe one cell; writes cells/<cell>/cell.json last. Returns its figures."""
     cell_dir = _cell_dir(out, cell)
     run_dir = cell_dir / "run"
     victim_dir = _victim_dir(out, cell.victim)
     spec = config.spec(cell)
+    _clear_stale(cell_dir, json_roundtrip({"victim": str(victim_dir.resolve()), **spec.to_json()}))
     timings = {}
     start = time.perf_counter()
     run = reconstruct(victim_dir, run_dir, spec, progress=progress)

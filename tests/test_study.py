@@ -140,6 +140,10 @@ def test_study_outputs(tmp_path):
     assert [r["init"] for r in results] == ["gaussian:0.1"] * 2
     assert sum("done earlier, reused" in line for line in lines) == 2
     assert len(_rows(out / "summary.csv")) == 2
+    # A changed run setting reruns the cell from scratch in its old folder.
+    changed = studyconfig.apply_overrides({**TINY, "inits": ["gaussian:0.1"]}, ["methods.kkt.steps=100"])
+    results = study.run_study(studyconfig.config_from_dict(changed), out, echo=lines.append, report=False, extend=True)
+    assert [r["spec"]["kkt"]["steps"] for r in results if r["method"] == "kkt"] == [100]
 
 
 def _study_command(config_path: Path, out: Path) -> list[str]:
