@@ -302,7 +302,8 @@ def bilevel_case(name: str, sizes: dict, dtype, synthetic: bool) -> Case:
     estimate = memory.bilevel_estimate(n_params=count_params(params), n_images=n, image_size=math.prod(CIFAR_SHAPE),
                                        widths=(*sizes["hidden"], 10), itemsize=jnp.dtype(dtype).itemsize,
                                        segment=sizes["steps"])
-    return Case(name=name, description=f"bilevel {dims} {'gelu' if sizes['hidden'] else 'affine'}, {n} images ({source}),"
+    kind = "gelu" if sizes["hidden"] else "affine"
+    return Case(name=name, description=f"bilevel {dims} {kind}, {n} images ({source}),"
                 f" K={k}", init=lambda x, h: bilevel.init_state(config, problem, x),
                 run=lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
                 finish=lambda s, h: bilevel.evaluate(config, problem, s), start=x0, hyper=hyper, k=k,
@@ -400,9 +401,11 @@ def print_result(r: dict) -> None:
     print(f"[{r['case']}] {r['description']}, {r['dtype']}{' (TF32)' if r['tf32'] else ''}, {r['devices']} device(s)\n"
           f"      compile {r['compile_s']:.1f} s, warm-up {r['warm_steps']} steps {r['warm_s']:.2f} s, "
           f"timed {r['steps']} steps {r['timed_s']:.3f} s\n"
-          f"      {r['init_steps_per_s']:.2f} init-steps/s | {r['flops_per_init_step'] / 1e9:.3f} GFLOP per init-step | "
+          f"      {r['init_steps_per_s']:.2f} init-steps/s | "
+          f"{r['flops_per_init_step'] / 1e9:.3f} GFLOP per init-step | "
           f"{r['achieved_tflops'] * 1e3:.2f} GFLOP/s achieved, device peak {peak}{share}\n"
-          f"      memory: device peak {gib(r['peak_bytes_device'])}, compiled segment {gib(r['compiled_segment_bytes'])}, "
+          f"      memory: device peak {gib(r['peak_bytes_device'])}, "
+          f"compiled segment {gib(r['compiled_segment_bytes'])}, "
           f"process VmHWM {gib(r['vm_hwm_bytes'])}; model {gib(r['model_bytes_per_device'])} per device "
           f"(model / measured {r['model_bytes_per_device'] / measured:.2f})", flush=True)
     if "mean_inner_iterations" in r:

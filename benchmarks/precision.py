@@ -141,7 +141,8 @@ def reconstructions(victim: dict, settings) -> list[dict]:
         start = time.perf_counter()
         with with_precision(precision):
             states, history, final = batching.run_batched(
-                lambda x, h: bilevel.init_state(config, prob, x), lambda s, h, n: bilevel.run_steps(config, prob, h, s, n),
+                lambda x, h: bilevel.init_state(config, prob, x),
+                lambda s, h, n: bilevel.run_steps(config, prob, h, s, n),
                 lambda s, h: bilevel.evaluate(config, prob, s), x0.astype(dtype), hyper, steps=STEPS, segment=STEPS)
         seconds = time.perf_counter() - start
         images = np.asarray(states.images, np.float64)

@@ -260,7 +260,8 @@ def _resume_chunk_size(checkpoint_dir: Path | None, n_inits: int, chunk_size: in
         return chunk_size
     if saved % where.n_devices:
         raise ConfigError(f"{checkpoint_dir} holds chunks of {saved} initialisations, which do not split over "
-                          f"{where.n_devices} devices; resume with a device count that divides {saved}, or use a new --out")
+                          f"{where.n_devices} devices; resume with a device count that divides {saved}, "
+                          "or use a new --out")
     log.info("resuming with the saved chunk size %d (this start would have chosen %d)", saved, chunk_size)
     return saved
 

@@ -236,7 +236,8 @@ def bilevel_case(hidden: Sequence[int], image_shape: Sequence[int], n_images: in
                                 backend=backend, optimizer=optimizer, record_cg_residual=record_cg_residual,
                                 segment=segment)
     dims = "-".join(map(str, (math.prod(image_shape), *hidden, n_out)))
-    name = f"bilevel {dims} {activation if hidden else 'affine'}, N={n_images}, {backend}, s={history_size}, {optimizer}"
+    kind = activation if hidden else "affine"
+    name = f"bilevel {dims} {kind}, N={n_images}, {backend}, s={history_size}, {optimizer}"
     return {"name": name, "program": program, "segment": segment, "estimate": estimate}
 
 

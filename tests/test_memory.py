@@ -80,7 +80,8 @@ def _victim_folder(path):
     report = TrainReport(grad_norm=1.0, grad_norm_rel=1.0, loss=1.0, train_accuracy=1.0, heldout_accuracy=None,
                          n_params=130, iterations=0, stationary=True, certify_tol=1e-8, seconds=0.0, solver="none",
                          dtype="float64", note="random weights for a memory test")
-    return checkpoint.save_victim(path, model=model, params=init_params(model, jax.random.key(0), (8, 8, 1), jnp.float64),
+    params = init_params(model, jax.random.key(0), (8, 8, 1), jnp.float64)
+    return checkpoint.save_victim(path, model=model, params=params,
                                   image_shape=(8, 8, 1), train_config=TrainConfig(loss="ce", weight_decay=1e-2),
                                   report=report, data=victim_data, seed=0)
 
