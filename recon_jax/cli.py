@@ -145,6 +145,8 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     k.add_argument("--lambda-weight", type=float, default=5.0, help="weight of the lambda >= lambda_min hinge")
     k.add_argument("--n-candidates", type=int, default=None, help="m candidates (default 2N)")
     p.add_argument("--chunk-size", type=int, default=None, help="runs per compiled batch (default: from free memory)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="shard each batch over this many local devices (default: all)")
     p.add_argument("--segment", type=int, default=100, help="steps between resumable checkpoints")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default: the victim's")
     p.add_argument("--seed", type=int, default=0)
@@ -211,7 +213,7 @@ def _run_attack(args) -> int:
         lr_lambda=args.lr_lambda, alpha=_floats(args.alpha, "--alpha"),
         lambda_min=_floats(args.lambda_min, "--lambda-min"), n_candidates=args.n_candidates,
         random_search=args.runs if args.sweep else None, pool=args.pool, chunk_size=args.chunk_size,
-        segment=args.segment, dtype=args.dtype, bilevel=bilevel_config, kkt=kkt_config)
+        segment=args.segment, dtype=args.dtype, bilevel=bilevel_config, kkt=kkt_config, devices=args.devices)
     summary = reconstruct.reconstruct(
         args.victim, args.out, spec, overwrite=args.overwrite,
         progress=lambda done, total: log.info("step %d / %d", done, total))
@@ -277,6 +279,8 @@ def _add_study(sub) -> None:
                    help="accept a changed config in an existing --out: finished cells whose settings are "
                         "unchanged are reused, the rest run")
     p.add_argument("--print-config", action="store_true", help="print the validated config as JSON and exit")
+    p.add_argument("--devices", type=int, default=None,
+                   help="shard each cell's batch over this many local devices (default: all)")
     h = p.add_argument_group("multi-host (jax.distributed; --out must be on a filesystem every process sees)")
     h.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (or $RECON_JAX_COORDINATOR)")
     h.add_argument("--num-processes", type=int, default=None, help="process count (or $RECON_JAX_NUM_PROCESSES)")
@@ -306,7 +310,7 @@ def _run_study(args) -> int:
     prefix = f"[process {ctx.process_index}/{ctx.process_count}] " if ctx.process_count > 1 else ""
     results = study.run_study(config, out, process_index=ctx.process_index, process_count=ctx.process_count,
                               barrier=ctx.barrier, echo=lambda line: print(prefix + line, file=sys.stderr, flush=True),
-                              report=not args.no_figures, extend=args.extend)
+                              report=not args.no_figures, extend=args.extend, devices=args.devices)
     if ctx.is_main:
         print(f"{len(results)} cells; wrote {out / 'summary.csv'}" + ("" if args.no_figures else
                                                                        f" and {out / 'report.md'}"))

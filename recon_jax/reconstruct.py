@@ -287,6 +287,14 @@ def rank_runs(final_loss: np.ndarray, diverged: np.ndarray) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
+def run_identity(victim_dir: str | os.PathLike, spec: ReconstructionSpec) -> dict:
+    """What a run folder's results depend on: the victim folder and the spec. The device count
+    is not part of it: results do not depend on it, so a run interrupted on one machine may
+    resume on another (batching keeps the saved chunk size)."""
+    return json_roundtrip({"victim": str(Path(victim_dir).resolve()),
+                           **{k: v for k, v in spec.to_json().items() if k != "devices"}})
+
+
 def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec: ReconstructionSpec, *,
                 overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """Run ``spec`` against the victim in ``victim_dir`` and write ``out_dir`` (see module doc).
@@ -296,10 +304,7 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     out_dir = Path(out_dir)
     victim = checkpoint.load_victim(victim_dir, dtype=spec.dtype)
     dtype = resolve_dtype(spec.dtype or victim.train_config.dtype)
-    # The device count is not part of a run's identity: results do not depend on it, so a run
-    # interrupted on one machine may resume on another (batching keeps the saved chunk size).
-    spec_json = json_roundtrip({"victim": str(Path(victim_dir).resolve()),
-                                **{k: v for k, v in spec.to_json().items() if k != "devices"}})
+    spec_json = run_identity(victim_dir, spec)
     if (out_dir / "run.json").is_file() and not overwrite:
         saved = read_json(out_dir / "run.json")
         if saved.get("spec") == spec_json:

@@ -56,7 +56,7 @@ from recon_jax.artifacts import atomic_save_npz, atomic_write_bytes, atomic_writ
 from recon_jax.errors import ConfigError
 from recon_jax.evaluation import evaluate_run
 from recon_jax.initialisation import truth_for_slots
-from recon_jax.reconstruct import reconstruct, sorted_ground_truth
+from recon_jax.reconstruct import reconstruct, run_identity, sorted_ground_truth
 from recon_jax.studyconfig import Cell, StudyConfig
 from recon_jax.victim import train_and_save
 
@@ -171,16 +171,17 @@ def _clear_stale(cell_dir: Path, spec_json: dict) -> None:
                 log.info("%s holds a run with other settings; removing it", cell_dir)
                 shutil.rmtree(cell_dir)
             return
-    (cell_dir / "cell.json").unlink(missing_ok=True)
+    (cell_dir / "cell.json").unlink(missing_ok=True)  # a cell.json without its run is stale
 
 
-def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[int, int], None] | None = None) -> dict:
+def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[int, int], None] | None = None,
+             devices: int | None = None) -> dict:
     """Run, evaluate and describe one cell; writes cells/<cell>/cell.json last. Returns its figures."""
     cell_dir = _cell_dir(out, cell)
     run_dir = cell_dir / "run"
     victim_dir = _victim_dir(out, cell.victim)
-    spec = config.spec(cell)
-    _clear_stale(cell_dir, json_roundtrip({"victim": str(victim_dir.resolve()), **spec.to_json()}))
+    spec = dataclasses.replace(config.spec(cell), devices=devices)
+    _clear_stale(cell_dir, run_identity(victim_dir, spec))
     timings = {}
     start = time.perf_counter()
     run = reconstruct(victim_dir, run_dir, spec, progress=progress)
@@ -223,7 +224,7 @@ def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[
         "final_loss_median": float(np.median(losses[ok])) if ok.any() else None,
         "param_mismatch_median": float(np.median(mismatch)),
         **own, **{k: evaluation.get(k) for k in METRIC_COLUMNS if k in evaluation}, **minima, **landscape,
-        "spec": json_roundtrip(spec.to_json()),
+        "spec": _without_devices(spec.to_json()),
         "key": cell_key(config, cell),
     }
     result.update(timings, seconds=sum(timings.values()))
@@ -261,6 +262,11 @@ def _check_out(config: StudyConfig, out: Path, extend: bool) -> None:
     atomic_write_json(saved, mine)
 
 
+def _without_devices(spec_json: dict) -> dict:
+    """A spec's JSON without ``devices``: results do not depend on the device count."""
+    return json_roundtrip({k: v for k, v in spec_json.items() if k != "devices"})
+
+
 def cell_key(config: StudyConfig, cell: Cell) -> dict:
     """Everything a cell's result depends on: its run spec, its victim's spec, and the
     evaluation settings (distinct-minima tolerances; landscape slices if the cell has them).
@@ -268,7 +274,7 @@ def cell_key(config: StudyConfig, cell: Cell) -> dict:
     landscape = dataclasses.asdict(config.landscape) if cell.init in config.landscape.inits else None
     if landscape is not None:
         landscape.pop("inits")
-    return json_roundtrip({"spec": config.spec(cell).to_json(), "victim": config.victims[cell.victim].to_json(),
+    return json_roundtrip({"spec": _without_devices(config.spec(cell).to_json()), "victim": config.victims[cell.victim].to_json(),
                            "minima": dataclasses.asdict(config.minima), "landscape": landscape})
 
 
@@ -296,7 +302,7 @@ class Progress:
 
 def run_study(config: StudyConfig, out_dir: str | os.PathLike, *, process_index: int = 0, process_count: int = 1,
               barrier: Callable[[str], None] | None = None, echo: Callable[[str], None] | None = None,
-              report: bool = True, extend: bool = False) -> list[dict]:
+              report: bool = True, extend: bool = False, devices: int | None = None) -> list[dict]:
     """Run every cell of ``config`` into ``out_dir`` (module doc); returns the cells' results.
 
     With ``process_count`` > 1 (multi-host, ``recon_jax.distributed``), process p runs the
@@ -320,11 +326,11 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, *, process_index:
         path = _cell_dir(out, cell) / "cell.json"
         saved = read_json(path) if path.is_file() else None
         if saved is not None and (saved.get("key") == cell_key(config, cell) or (  # cells from before keys: by spec
-                "key" not in saved and saved.get("spec") == json_roundtrip(config.spec(cell).to_json()))):
+                "key" not in saved and _without_devices(saved.get("spec") or {}) == cell_key(config, cell)["spec"])):
             progress.cell(index, cell, "done earlier, reused")
             continue
         progress.cell(index, cell, "running")
-        result = run_cell(config, cell, out, progress=progress.steps(index, cell))
+        result = run_cell(config, cell, out, progress=progress.steps(index, cell), devices=devices)
         progress.cell(index, cell, f"finished in {result['seconds']:.0f} s: train good {result.get('train_good_count')}, "
                                    f"held-out good {result.get('heldout_good_count')}, AUC "
                                    f"{_short(result.get('membership_auc_distance'))}")
