@@ -56,6 +56,7 @@ from recon_jax.artifacts import atomic_save_npz, atomic_write_bytes, atomic_writ
 from recon_jax.errors import ConfigError
 from recon_jax.evaluation import evaluate_run
 from recon_jax.initialisation import truth_for_slots
+from recon_jax.models import count_params
 from recon_jax.reconstruct import reconstruct, run_identity, sorted_ground_truth
 from recon_jax.studyconfig import Cell, StudyConfig
 from recon_jax.victim import train_and_save
@@ -73,6 +74,7 @@ METRIC_COLUMNS = (
     "distinct_minima", "minima_candidates",
     "landscape_at_reconstruction", "landscape_at_truth", "landscape_max_on_segment",
 )
+LANDSCAPE_BYTES = 1 << 30  # KKT slices are evaluated in batches whose Jacobians fit in this
 TIMING_KEYS = ("seconds_reconstruct", "seconds_evaluate", "seconds_landscape", "seconds")
 
 
@@ -139,9 +141,14 @@ def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path,
     f = landscape.objective_function(victim, spec.method, labels=labels, bilevel_config=spec.bilevel,
                                      kkt_config=spec.kkt, kkt_hyper=kkt_hyper)
     dtype = centered.dtype
+    batch_size = None
+    if spec.method == "kkt":  # the profiled objective holds a (q, P) Jacobian per point: bound the batch
+        q = len(labels) * (victim.model.n_out if spec.kkt.task == "regression" else 1)
+        per_point = 4 * q * count_params(victim.params) * np.dtype(dtype).itemsize
+        batch_size = int(max(1, min(config.landscape.points_2d ** 2, LANDSCAPE_BYTES // per_point)))
     start = centered[ranking[0]].astype(dtype)
     line = landscape.slice_1d(f, start, target.astype(dtype), n=config.landscape.points_1d,
-                              extend=config.landscape.extend)
+                              extend=config.landscape.extend, batch_size=batch_size)
     arrays = {f"line_{k}": np.asarray(v) for k, v in line.items()}
     t, values = np.asarray(line["t"]), np.asarray(line["values"])
     on_segment = (t >= -1e-12) & (t <= 1 + 1e-12)
@@ -152,7 +159,7 @@ def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path,
     if len(ranking) >= 2:
         plane = landscape.slice_2d(f, start, target.astype(dtype), centered[ranking[1]].astype(dtype),
                                    n=config.landscape.points_2d, extend=config.landscape.extend,
-                                   names=("best run", "ground truth", "second run"))
+                                   names=("best run", "ground truth", "second run"), batch_size=batch_size)
         arrays.update({f"plane_{k}": np.asarray(v) for k, v in plane.items()})
     atomic_save_npz(run_dir.parent / "landscape.npz", **arrays)
     return figures

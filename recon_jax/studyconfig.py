@@ -338,7 +338,7 @@ DEFAULT_STUDY = {
     "data": {"dataset": "digits", "n_per_class": 2, "weight_decay": 1e-3},
     "victims": {"affine": {"model": "affine"},
                 "mlp32": {"hidden": [32], "activation": "gelu"}},
-    "methods": {"bilevel": {"method": "bilevel", "steps": 150, "learning_rate": 0.01,
+    "methods": {"bilevel": {"method": "bilevel", "steps": 100, "learning_rate": 0.01,
                             "inner": {"tol": 1e-8, "cg_tol": 1e-8}},
                 "kkt": {"method": "kkt", "steps": 2000, "learning_rate": 0.01, "lr_lambda": 1.0,
                         "kkt": {"optimizer": "adam"}}},
