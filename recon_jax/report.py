@@ -82,7 +82,13 @@ def _slices(out: Path, results: list[dict], fig_dir: Path, stem: str) -> list[st
         if not file.is_file():
             continue
         with np.load(file, allow_pickle=False) as f:
-            lines[f"{r['init']} seed {r['seed']}"] = {"t": f["line_t"], "values": f["line_values"]}
+            t, values = f["line_t"], f["line_values"]
+            if "line_start_value" in f.files:  # the exact ends, which the grid may straddle
+                t = np.concatenate([t, [0.0, 1.0]])
+                values = np.concatenate([values, [f["line_start_value"], f["line_end_value"]]])
+                order = np.argsort(t, kind="stable")
+                t, values = t[order], values[order]
+            lines[f"{r['init']} seed {r['seed']}"] = {"t": t, "values": values}
             plane = {k[len("plane_"):]: f[k] for k in f.files if k.startswith("plane_")}
         if plane:
             name = f"slice2d_{r['cell']}.png"

@@ -178,3 +178,11 @@ def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert (killed / "summary.csv").read_text() == (clean / "summary.csv").read_text()
     rows = _rows(clean / "summary.csv")
     assert len(rows) == 8 and all(np.isfinite(float(r["final_loss_median"])) for r in rows)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_experiment_configs_are_valid(path):
+    config = studyconfig.load_config(path)
+    assert config.cells() and config.description
+    assert studyconfig.load_config(path, dataset="cifar10").name.endswith("-cifar10")
