@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from recon_jax import bilevel, kkt, metrics
 from recon_jax.errors import ConfigError
@@ -214,15 +213,25 @@ def objective_function(victim: Victim, method: str, *, labels=None,
 
 
 def _evaluate(f: Callable, points: jax.Array, batch_size: int | None) -> np.ndarray:
-    """f on each of points (B, *shape) in one compiled call: vmap over all B, or ``lax.map``
-    over batches of ``batch_size`` (each batch vmapped) to bound memory. -> (B,) numpy."""
-    if batch_size is None:
-        run = jax.vmap(f)
-    else:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1 or None, got {batch_size}")
-        run = lambda p: lax.map(f, p, batch_size=batch_size)
-    return np.asarray(jax.jit(run)(points))
+    """f on each of points (B, *shape): one vmapped, jitted call over all B, or (to bound
+    memory) the same program over batches of ``batch_size`` points, the last batch padded by
+    repeating its final point so that one compilation serves every batch. -> (B,) numpy.
+
+    The batches run from Python rather than inside ``lax.map``: XLA:CPU (JAX 0.10) was seen to
+    hang for good on a ``lax.map`` whose body holds the KKT objective's linear solve."""
+    run = jax.jit(jax.vmap(f))
+    if batch_size is None or batch_size >= len(points):
+        return np.asarray(run(points))
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1 or None, got {batch_size}")
+    values = []
+    for start in range(0, len(points), batch_size):
+        chunk = points[start:start + batch_size]
+        size = len(chunk)
+        if size < batch_size:
+            chunk = jnp.concatenate([chunk, jnp.repeat(chunk[-1:], batch_size - size, axis=0)])
+        values.append(np.asarray(run(chunk))[:size])
+    return np.concatenate(values)
 
 
 def _as_image_set(name: str, value, reference_shape=None) -> jax.Array:
@@ -316,8 +325,8 @@ def slice_2d(f: Callable, origin, a, b, n: int = 11, extend: float = 0.25, *,
         point_values (3,) f at x(points[k]), the three defining points
         names             ``names``, the labels of the three points
 
-    All n² + 3 evaluations run in one compiled call: vmapped over all of them, or with
-    ``batch_size`` as ``lax.map`` over vmapped batches of that size (less memory; the
+    All n² + 3 evaluations run in one compiled program: vmapped over all of them, or with
+    ``batch_size`` over vmapped batches of that size (less memory; the
     bilevel inner solver under vmap runs until the slowest point of a batch converges).
     """
     _check_grid(n, extend)
