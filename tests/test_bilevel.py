@@ -180,7 +180,8 @@ def test_interrupted_run_resumes_to_the_same_result(small_run, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         _batched(problem, config, x0, hyper, chunk_size=2, segment=2, checkpoint_dir=tmp_path, progress=interrupt)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_0000.npz", "chunk_0001.npz"]
+    assert sorted(p.name for p in tmp_path.glob("chunk_*.npz")) == ["chunk_0000.npz", "chunk_0001.npz"]
+    assert (tmp_path / "layout.json").is_file()  # the chunk size a resumed run must keep
     calls = []
     resumed = _batched(problem, config, x0, hyper, chunk_size=2, segment=2, checkpoint_dir=tmp_path,
                        progress=lambda done, total: calls.append(done))
