@@ -41,10 +41,9 @@ def _values(results: list[dict], key: str) -> np.ndarray:
     return np.asarray([np.nan if r.get(key) is None else r[key] for r in results], float)
 
 
-def _grid(out: Path, result: dict, path: Path) -> None:
+def _grid(out: Path, result: dict, path: Path, truth: dict) -> None:
     cell_dir = out / "cells" / result["cell"]
     run = read_json(cell_dir / "run" / "run.json")
-    truth = sorted_ground_truth(out / "victims" / result["victim"])
     best = next((r for r in run["ranking"] if not run["diverged"][r]), run["ranking"][0])
     with np.load(cell_dir / "run" / "reconstructions.npz", allow_pickle=False) as f:
         images, init, centered, labels = f["images"][best], f["init_images"][best], f["centered"][best], f["labels"]
@@ -169,9 +168,10 @@ def write_report(config, out_dir: str | os.PathLike, results: list[dict]) -> Pat
             embedded.append(f"sorted_ssim_{stem}.png")
             slices += _slices(out, chosen, fig_dir, stem)
     grids = []
+    truths = {name: sorted_ground_truth(out / "victims" / name) for name in config.victims}  # read once per victim
     for r in results:
         name = f"grid_{r['cell']}.png"
-        _grid(out, r, fig_dir / name)
+        _grid(out, r, fig_dir / name, truths[r["victim"]])
         grids.append(name)
     lines = [f"# Study `{config.name}`", ""]
     if config.description:
