@@ -5,6 +5,9 @@ A victim folder holds
     victim.msgpack   θ*, flax msgpack serialization (no pickle)          what the attacker may use
     victim.json      architecture, loss, λ_wd, dtype, label counts,       what the attacker may use
                      stationarity figures, data provenance and indices
+    preprocessing.npz ``mean``: the per-pixel training mean the network's  what the attacker may use
+                     inputs have subtracted (its input normalisation,
+                     shipped with the model like any preprocessing)
     data.npz         train_images, train_labels, heldout_images,          evaluation only: attacks
                      heldout_labels (float32 [0,1] NHWC) and ``mean``     never read it
 
@@ -30,6 +33,7 @@ from recon_jax.training import TrainConfig, TrainReport
 
 FORMAT = "recon_jax.victim/1"
 PARAMS_FILE, META_FILE, DATA_FILE = "victim.msgpack", "victim.json", "data.npz"
+PREPROCESSING_FILE = "preprocessing.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Victim:
     label_counts: tuple[int, ...]
     class_names: tuple[str, ...]
     meta: dict
+    input_mean: np.ndarray | None = None  # (1, h, w, c) training mean; None for folders written before it was released
 
     @property
     def n_train(self) -> int:
@@ -70,6 +75,7 @@ def save_victim(directory: str | os.PathLike, *, model: MLP, params, image_shape
                     heldout_images=np.asarray(data.heldout.images, np.float32),
                     heldout_labels=np.asarray(data.heldout.labels, np.int64),
                     mean=np.asarray(data.mean, np.float32))
+    atomic_save_npz(directory / PREPROCESSING_FILE, mean=np.asarray(data.mean, np.float32))
     counts = np.bincount(np.asarray(data.train.labels), minlength=len(data.train.class_names))
     meta = {
         "format": FORMAT,
@@ -143,11 +149,22 @@ def load_victim(directory: str | os.PathLike, dtype: str | None = None) -> Victi
     params = load_params(directory / PARAMS_FILE, model, image_shape)
     params = cast_tree(params, resolve_dtype(dtype or meta["train_config"]["dtype"]))
     report_keys = {f.name for f in dataclasses.fields(TrainReport)}
+    input_mean = None
+    if (directory / PREPROCESSING_FILE).is_file():
+        try:
+            with np.load(directory / PREPROCESSING_FILE, allow_pickle=False) as f:
+                input_mean = np.asarray(f["mean"])
+        except Exception as err:
+            raise CheckpointError(f"{directory / PREPROCESSING_FILE} is corrupt ({err}); re-run `recon-jax train`") from err
+        if input_mean.size != int(np.prod(image_shape)):
+            raise CheckpointError(f"{directory / PREPROCESSING_FILE} holds a mean of shape {input_mean.shape}, which does "
+                                  f"not fit images of shape {image_shape}; re-run `recon-jax train`")
+        input_mean = input_mean.reshape(1, *image_shape)
     return Victim(model=model, params=params, image_shape=image_shape,
                   train_config=TrainConfig(**meta["train_config"]),
                   report={k: meta[k] for k in report_keys if k in meta},
                   label_counts=tuple(int(c) for c in meta["label_counts"]),
-                  class_names=tuple(meta["class_names"]), meta=meta)
+                  class_names=tuple(meta["class_names"]), meta=meta, input_mean=input_mean)
 
 
 def load_ground_truth(directory: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -25,7 +25,8 @@ def victim_dir(tmp_path_factory):
 
 
 def test_folder_contents_and_metadata(victim_dir):
-    assert sorted(p.name for p in victim_dir.iterdir()) == ["data.npz", "victim.json", "victim.msgpack"]
+    assert sorted(p.name for p in victim_dir.iterdir()) == ["data.npz", "preprocessing.npz", "victim.json",
+                                                             "victim.msgpack"]
     meta = json.loads((victim_dir / "victim.json").read_text())
     for key in ("grad_norm", "grad_norm_rel", "loss", "train_accuracy", "heldout_accuracy", "n_params",
                 "iterations", "stationary", "seconds", "model", "train_config", "data", "label_counts", "versions"):
@@ -37,18 +38,40 @@ def test_folder_contents_and_metadata(victim_dir):
         assert f["train_images"].shape == (30, 8, 8, 1) and f["train_images"].dtype == np.float32
         assert f["heldout_images"].shape == (30, 8, 8, 1) and f["mean"].shape == (1, 8, 8, 1)
         assert 0 <= f["train_images"].min() and f["train_images"].max() <= 1
+        mean = f["mean"]
+    # The input normalisation ships with the model: the attacker's view holds the same mean.
+    with np.load(victim_dir / "preprocessing.npz", allow_pickle=False) as f:
+        assert sorted(f.files) == ["mean"]
+        np.testing.assert_array_equal(f["mean"], mean)
 
 
 def test_load_victim_roundtrip_without_ground_truth(victim_dir, tmp_path):
     victim = checkpoint.load_victim(victim_dir)
     assert victim.model == MLP(n_out=10, hidden=(16,), activation="gelu")
     assert victim.n_train == 30 and list(victim.known_labels()) == sorted(list(range(10)) * 3)
+    with np.load(victim_dir / "data.npz", allow_pickle=False) as f:
+        np.testing.assert_array_equal(victim.input_mean, f["mean"])
     # The attacker's view never needs data.npz: a folder without it still loads.
-    for name in ("victim.json", "victim.msgpack"):
+    for name in ("victim.json", "victim.msgpack", "preprocessing.npz"):
         (tmp_path / name).write_bytes((victim_dir / name).read_bytes())
     again = checkpoint.load_victim(tmp_path)
     for a, b in zip(jax.tree_util.tree_leaves(victim.params), jax.tree_util.tree_leaves(again.params)):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(again.input_mean, victim.input_mean)
+    # Folders written before the mean was released still load, without it.
+    (tmp_path / "preprocessing.npz").unlink()
+    assert checkpoint.load_victim(tmp_path).input_mean is None
+
+
+def test_preprocessing_file_that_does_not_fit_is_refused(victim_dir, tmp_path):
+    for name in ("victim.json", "victim.msgpack"):
+        (tmp_path / name).write_bytes((victim_dir / name).read_bytes())
+    np.savez(tmp_path / "preprocessing.npz", mean=np.zeros((1, 7, 7, 1), np.float32))
+    with pytest.raises(CheckpointError, match=r"mean of shape \(1, 7, 7, 1\).*images of shape \(8, 8, 1\)"):
+        checkpoint.load_victim(tmp_path)
+    (tmp_path / "preprocessing.npz").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="preprocessing.npz is corrupt"):
+        checkpoint.load_victim(tmp_path)
 
 
 def test_mismatched_architecture_names_both_shapes(victim_dir):
