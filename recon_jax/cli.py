@@ -108,6 +108,10 @@ def _add_attack_args(p, *, sweep: bool) -> None:
         p.add_argument("--runs", type=int, required=True, help="random hyperparameter configurations R")
         p.add_argument("--seeds", type=int, default=1, help="initial draws per configuration (default 1)")
         p.add_argument("--pool", type=int, default=4, help="pool the candidates of the best P runs (default 4)")
+        p.add_argument("--search-range", action="append", default=[], metavar="NAME=LO,HI",
+                       help="override one random-search range (repeatable): lr, init_scale (log-uniform), "
+                            "alpha, lambda_min (kkt, uniform); e.g. lr=0.3,1. Default: the reference's ranges "
+                            "(kkt: lr 1e-5..1, init_scale 1e-6..0.1, alpha 10..500, lambda_min 0.01..0.5)")
     else:
         p.add_argument("--n-inits", type=int, default=16, help="number of initialisations K (default 16)")
         p.add_argument("--pool", type=int, default=0, help="pool the candidates of the best P runs")
@@ -143,6 +147,9 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     k.add_argument("--alpha", default="300", help="modified-ReLU sharpness (relu victims), or a comma list")
     k.add_argument("--lambda-min", default="0.05", help="lambda lower bound, or a comma list")
     k.add_argument("--lambda-weight", type=float, default=5.0, help="weight of the lambda >= lambda_min hinge")
+    k.add_argument("--kkt-box", choices=("centered", "pixel"), default="centered",
+                   help="box of the prior: centered = [-1,1] on mean-subtracted pixels (the reference); pixel = "
+                        "candidate + training mean in [0,1] (needs the victim's released preprocessing.npz)")
     k.add_argument("--n-candidates", type=int, default=None, help="m candidates (default 2N)")
     p.add_argument("--chunk-size", type=int, default=None, help="runs per compiled batch (default: from free memory)")
     p.add_argument("--devices", type=int, default=None,
@@ -205,14 +212,16 @@ def _run_attack(args) -> int:
         task = args.task or (reconstruct.default_kkt_task(meta["train_config"]["loss"], meta["train_config"]["weight_decay"])
                              if meta else "binary")
         kkt_config = kkt.KKTConfig(steps=steps, task=task, stationarity=args.stationarity, optimizer=optimizer,
-                                   momentum=args.momentum, box_weight=box_weight, lambda_weight=args.lambda_weight)
+                                   momentum=args.momentum, box_weight=box_weight, lambda_weight=args.lambda_weight,
+                                   box=args.kkt_box)
     spec = reconstruct.ReconstructionSpec(
         method=args.method, init=args.init, n_inits=args.seeds if args.sweep else args.n_inits, seed=args.seed,
         learning_rate=_floats(args.lr or "0.01", "--lr"),
         box_weight=box_weight if bilevel_method else 0.0, tv_weight=_floats(args.tv_weight, "--tv-weight"),
         lr_lambda=args.lr_lambda, alpha=_floats(args.alpha, "--alpha"),
         lambda_min=_floats(args.lambda_min, "--lambda-min"), n_candidates=args.n_candidates,
-        random_search=args.runs if args.sweep else None, pool=args.pool, chunk_size=args.chunk_size,
+        random_search=args.runs if args.sweep else None,
+        search_ranges=_search_ranges(args.search_range) if args.sweep else None, pool=args.pool, chunk_size=args.chunk_size,
         segment=args.segment, dtype=args.dtype, bilevel=bilevel_config, kkt=kkt_config, devices=args.devices)
     summary = reconstruct.reconstruct(
         args.victim, args.out, spec, overwrite=args.overwrite,
@@ -227,6 +236,21 @@ def _run_attack(args) -> int:
     return 0
 
 
+def _search_ranges(items: list[str]) -> dict | None:
+    """["lr=0.3,1", "alpha=50,500"] -> {"lr": (0.3, 1.0), "alpha": (50.0, 500.0)}; None if empty."""
+    ranges = {}
+    for item in items:
+        name, sep, bounds = item.partition("=")
+        try:
+            lo, hi = (float(t) for t in bounds.split(","))
+        except ValueError as err:
+            raise ReconJaxError(f"--search-range takes NAME=LO,HI (e.g. lr=0.3,1), got {item!r}") from err
+        if not sep or not name:
+            raise ReconJaxError(f"--search-range takes NAME=LO,HI (e.g. lr=0.3,1), got {item!r}")
+        ranges[name.strip()] = (lo, hi)
+    return ranges or None
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="judge a run against the training set and the held-out pool",
                        description="BRIEF section 4 protocol (NCC nearest neighbours, SSIM 3x3, PSNR, MSE, "
@@ -235,6 +259,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--run", required=True, help="run folder written by `recon-jax reconstruct` or `sweep`")
     p.add_argument("--victim", default=None, help="victim folder (default: the one the run used)")
     p.add_argument("--pooled", action="store_true", help="evaluate pooled.npz instead of all runs' candidates")
+    p.add_argument("--pool-by-score", type=int, default=0, metavar="P",
+                   help="rank runs by the reference's extraction score (mean DSSIM of the 10 best-matched training "
+                        "images: an oracle, it reads the training set), write the best P runs' candidates to "
+                        "pooled_by_score.npz and judge that pool too")
     p.add_argument("--plain-l2", action="store_true", help="nearest neighbours by plain L2 (e.g. MNIST)")
     p.add_argument("--good-threshold", type=float, default=0.4)
     p.add_argument("--no-best-ssim", action="store_true", help="skip the all-pairs SSIM (slow on CPU)")
@@ -245,7 +273,8 @@ def _run_evaluate(args) -> int:
     from recon_jax.evaluation import evaluate_run
 
     summary = evaluate_run(args.run, victim_dir=args.victim, pooled=args.pooled, plain_l2=args.plain_l2,
-                           good_threshold=args.good_threshold, best_ssim=not args.no_best_ssim)
+                           good_threshold=args.good_threshold, best_ssim=not args.no_best_ssim,
+                           pool_by_score=args.pool_by_score)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -8,7 +8,7 @@ with weight decay, to a stationary point of the regularised loss), so that
 The attack optimises m candidate images x (m, h, w, c) and multipliers λ to satisfy it:
 
     L_KKT(x, λ) = S(θ*, G(x, λ))
-                + w_box Σ [relu(x − 1)² + relu(−1 − x)²]          (box prior, mean-subtracted images)
+                + w_box Σ [relu(x − u)² + relu(l − x)²]           (box prior on the candidates' pixels)
                 + w_λ Σ_j relu(λ_min − λ_j)²                       (λ_j ≥ λ_min, soft; not for regression)
 
     G(x, λ) = ∇_θ [ (1/m) Σ_j λ_j φ_j(θ; x_j) ] |_{θ = θ*}        (a pytree shaped like θ*)
@@ -25,6 +25,19 @@ The regression form is the stationarity condition of any weight-decayed training
 targets); with C outputs (MSE on one-hot targets, or cross-entropy with weight decay) it
 keeps one multiplier per output rather than summing the outputs under one λ_j, which
 could not express θ* in general.
+
+The box [l, u] (``KKTConfig.box``), per pixel, in the attack's mean-subtracted space:
+
+    centered    l = −1,  u = 1                     (the reference: a loose box around the mean)
+    pixel       l = −μ,  u = 1 − μ                 (the candidate plus the training mean μ lies in
+                                                    [0, 1], the range every training image has)
+
+``pixel`` needs μ, the per-pixel training mean that the victim's preprocessing subtracts; a
+victim folder releases it with θ* (``preprocessing.npz``), as any deployed model ships its
+input normalisation. It is our addition, not the reference's. On MNIST it matters: the
+centered box lets candidates settle at ±1 inside the digit, i.e. far outside [0, 1] once μ
+is added back, and the min-max scaling of the BRIEF §4 protocol then lifts the black
+background and SSIM collapses (``experiments/kkt_mnist.py`` measures both).
 
 The stationarity term S (``KKTConfig.stationarity``):
 
@@ -86,7 +99,8 @@ if TYPE_CHECKING:
 TASKS = ("binary", "multiclass", "regression")
 STATIONARITY = ("global", "per_tensor")
 OPTIMIZERS = ("sgd", "adam")
-BOX_BOUNDS = (-1.0, 1.0)
+BOX_BOUNDS = (-1.0, 1.0)  # the reference's box on mean-subtracted pixels (``box="centered"``)
+BOXES = ("centered", "pixel")
 
 # Random-search ranges of the reference sweeps (nivha/dataset_reconstruction,
 # reconstructions/{cifar10_vehicles_animals,mnist_odd_even}/sweep.txt).
@@ -108,10 +122,11 @@ class KKTConfig:
     momentum: float = 0.9  # sgd only
     box_weight: float = 1.0
     lambda_weight: float = 5.0  # binary and multiclass only
+    box: str = "centered"  # "centered": [−1, 1] (reference); "pixel": [−μ, 1 − μ], see module doc
 
     def __post_init__(self):
         for name, value, allowed in (("task", self.task, TASKS), ("stationarity", self.stationarity, STATIONARITY),
-                                     ("optimizer", self.optimizer, OPTIMIZERS)):
+                                     ("optimizer", self.optimizer, OPTIMIZERS), ("box", self.box, BOXES)):
             if value not in allowed:
                 raise ConfigError(f"unknown KKT {name} {value!r}; choose one of {', '.join(allowed)}")
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -145,11 +160,15 @@ class Problem:
 
     ``labels`` (m,) are class indices (binary: 0/1, read as −1/+1); None for regression,
     whose φ uses no labels (m is then the leading axis of the candidates).
+    ``box_lower``, ``box_upper``: the box of the prior in mean-subtracted space, scalars or
+    arrays broadcastable to one image (h, w, c); see ``box_bounds``.
     """
 
     victim_params: dict
     labels: jax.Array | None
     model: MLP = struct.field(pytree_node=False)
+    box_lower: jax.Array | float = BOX_BOUNDS[0]
+    box_upper: jax.Array | float = BOX_BOUNDS[1]
 
 
 @struct.dataclass
@@ -215,10 +234,27 @@ def stationarity(kind: str, victim_params, combination) -> jax.Array:
     raise ConfigError(f"unknown KKT stationarity {kind!r}; choose one of {', '.join(STATIONARITY)}")
 
 
-def box_penalty(images: jax.Array) -> jax.Array:
-    """Σ relu(x − 1)² + relu(−1 − x)² over all pixels: (m,h,w,c) -> scalar."""
-    lo, hi = BOX_BOUNDS
-    return jnp.sum(jax.nn.relu(images - hi) ** 2 + jax.nn.relu(lo - images) ** 2)
+def box_penalty(images: jax.Array, lower: jax.Array | float = BOX_BOUNDS[0],
+                upper: jax.Array | float = BOX_BOUNDS[1]) -> jax.Array:
+    """Σ relu(x − u)² + relu(l − x)² over all pixels: images (m,h,w,c), l and u scalars or
+    broadcastable to (h,w,c) -> scalar. Zero exactly when l ≤ x ≤ u everywhere."""
+    return jnp.sum(jax.nn.relu(images - upper) ** 2 + jax.nn.relu(lower - images) ** 2)
+
+
+def box_bounds(box: str, input_mean: np.ndarray | None, image_shape: Sequence[int]):
+    """(l, u) of ``box`` in mean-subtracted space: ``centered`` (−1, 1); ``pixel`` (−μ, 1 − μ)
+    with μ the training mean, shape (1, h, w, c) or (h, w, c), read as (h, w, c)."""
+    if box == "centered":
+        return BOX_BOUNDS
+    if box != "pixel":
+        raise ConfigError(f"unknown KKT box {box!r}; choose one of {', '.join(BOXES)}")
+    if input_mean is None:
+        raise ConfigError("the 'pixel' box needs the victim's training mean (preprocessing.npz in the victim folder), "
+                          "which this victim does not release; retrain it with `recon-jax train` or use box 'centered'")
+    mean = np.asarray(input_mean, np.float64).reshape(tuple(image_shape))
+    if not np.all(np.isfinite(mean)):
+        raise ConfigError("the victim's training mean contains NaN or inf; the 'pixel' box cannot use it")
+    return -mean, 1.0 - mean
 
 
 def lambda_penalty(lambdas: jax.Array, lambda_min: jax.Array) -> jax.Array:
@@ -237,7 +273,7 @@ def kkt_loss(config: KKTConfig, problem: Problem, hyper: Hyper, images: jax.Arra
     combination = combination_gradient(config.task, apply_fn, problem.victim_params, images, problem.labels, lambdas)
     residual = jax.tree_util.tree_map(jnp.subtract, problem.victim_params, combination)
     terms = {"stationarity": stationarity(config.stationarity, problem.victim_params, combination),
-             "box_penalty": config.box_weight * box_penalty(images)}
+             "box_penalty": config.box_weight * box_penalty(images, problem.box_lower, problem.box_upper)}
     if config.task == "regression":
         terms["lambda_penalty"] = jnp.zeros((), terms["stationarity"].dtype)
     else:
@@ -352,15 +388,46 @@ def initial_lambdas(key: jax.Array, m: int, task: str, n_outputs: int = 1, dtype
     return jax.random.uniform(key, (m,), dtype)
 
 
-def sample_hyper(key: jax.Array, n_runs: int, lr_lambda: float = REFERENCE_LR_LAMBDA, dtype=None):
+SEARCH_RANGES = {"lr": LR_X_RANGE, "init_scale": INIT_SCALE_RANGE, "alpha": ALPHA_RANGE,
+                 "lambda_min": LAMBDA_MIN_RANGE}
+
+
+def search_ranges(overrides: dict | None = None) -> dict[str, tuple[float, float]]:
+    """The random-search ranges: the reference's (``SEARCH_RANGES``) with ``overrides`` applied.
+
+    Each range is (lo, hi) with lo <= hi (lo == hi fixes the value); lr and init_scale are
+    log-uniform, so they need lo > 0.
+    """
+    ranges = dict(SEARCH_RANGES)
+    for name, bounds in (overrides or {}).items():
+        if name not in SEARCH_RANGES:
+            raise ConfigError(f"unknown search range {name!r}; choose among {', '.join(SEARCH_RANGES)}")
+        try:
+            lo, hi = (float(b) for b in bounds)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"search range {name} must be two numbers lo, hi; got {bounds!r}") from err
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ConfigError(f"search range {name} must have finite lo <= hi, got ({lo}, {hi})")
+        if name in ("lr", "init_scale") and lo <= 0:
+            raise ConfigError(f"search range {name} is log-uniform and needs lo > 0, got ({lo}, {hi})")
+        if name == "alpha" and lo <= 0:
+            raise ConfigError(f"search range alpha needs lo > 0 (the modified-ReLU sharpness), got ({lo}, {hi})")
+        ranges[name] = (lo, hi)
+    return ranges
+
+
+def sample_hyper(key: jax.Array, n_runs: int, lr_lambda: float = REFERENCE_LR_LAMBDA, dtype=None,
+                 ranges: dict | None = None):
     """The reference's random search, as arrays (n_runs,): (Hyper, init_scale).
 
     lr_x ~ log-U[1e-5, 1], α ~ U[10, 500], λ_min ~ U[0.01, 0.5], lr_λ fixed (1e-4), and the
     initial-candidate scale σ ~ log-U[1e-6, 0.1] (for x₀ ~ N(0, σ²); it is not a step
-    hyperparameter, so it is returned beside ``Hyper``).
+    hyperparameter, so it is returned beside ``Hyper``). ``ranges`` overrides any of these
+    ranges by name (lr, init_scale, alpha, lambda_min; see ``search_ranges``).
     """
     if n_runs < 1:
         raise ConfigError(f"the number of runs must be >= 1, got {n_runs}")
+    bounds = search_ranges(ranges)
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     k_lr, k_scale, k_alpha, k_min = jax.random.split(key, 4)
 
@@ -371,17 +438,20 @@ def sample_hyper(key: jax.Array, n_runs: int, lr_lambda: float = REFERENCE_LR_LA
     def uniform(k, bounds):
         return jax.random.uniform(k, (n_runs,), dtype, *bounds)
 
-    hyper = Hyper(lr_x=log_uniform(k_lr, LR_X_RANGE), lr_lambda=jnp.full((n_runs,), lr_lambda, dtype),
-                  alpha=uniform(k_alpha, ALPHA_RANGE), lambda_min=uniform(k_min, LAMBDA_MIN_RANGE))
-    return hyper, log_uniform(k_scale, INIT_SCALE_RANGE)
+    hyper = Hyper(lr_x=log_uniform(k_lr, bounds["lr"]), lr_lambda=jnp.full((n_runs,), lr_lambda, dtype),
+                  alpha=uniform(k_alpha, bounds["alpha"]), lambda_min=uniform(k_min, bounds["lambda_min"]))
+    return hyper, log_uniform(k_scale, bounds["init_scale"])
 
 
-def problem_from_victim(victim: Victim, task: str, m: int | None = None) -> Problem:
-    """The attacker's view of a ``recon_jax.checkpoint.Victim``: θ*, its architecture, and
-    class-balanced labels for m candidates (default 2N, see ``candidate_labels``)."""
+def problem_from_victim(victim: Victim, task: str, m: int | None = None, box: str = "centered") -> Problem:
+    """The attacker's view of a ``recon_jax.checkpoint.Victim``: θ*, its architecture,
+    class-balanced labels for m candidates (default 2N, see ``candidate_labels``), and the
+    bounds of ``box`` (``box_bounds``; ``pixel`` reads the victim's released training mean)."""
     labels = candidate_labels(victim.label_counts, m, task)
+    lower, upper = box_bounds(box, victim.input_mean, victim.image_shape)
+    dtype = jax.tree_util.tree_leaves(victim.params)[0].dtype
     return Problem(victim_params=victim.params, labels=None if labels is None else jnp.asarray(labels),
-                   model=victim.model)
+                   model=victim.model, box_lower=jnp.asarray(lower, dtype), box_upper=jnp.asarray(upper, dtype))
 
 
 def flops_per_step(model: MLP, image_shape: Sequence[int], m: int) -> int:

@@ -595,6 +595,11 @@ def evaluate_reconstructions(
       held-out); ``membership_auc_nearest_ssim``: of ``ssim``;
       ``membership_auc_best_ssim``: of ``best_ssim`` (if computed). 0.5 = no evidence.
     - ``nearest_is_train_rate``, ``nearest_is_train_chance``: :func:`nearest_is_train_rate`.
+    - ``heldout_max_ssim``: max_p ``heldout_ssim``, the best SSIM the same protocol gives a
+      held-out image, i.e. what a reconstruction reaches without membership;
+      ``train_above_heldout_count``: #{training images with ``train_ssim`` above it}. On MNIST,
+      where a near-blank candidate scores SSIM > 0.4 against most digits (3×3 SSIM of flat
+      black backgrounds), this count, not ``train_good_count``, is the evidence of recovery.
 
     Also ``n_reconstructions``, ``n_train``, ``n_heldout``, ``good_threshold``. Arrays are
     numpy, scalars Python numbers, so the dict saves directly to ``.npz`` / ``.json``.
@@ -665,6 +670,8 @@ def evaluate_reconstructions(
     out["membership_auc_nearest_ssim"] = membership_auc(out["train_ssim"], out["heldout_ssim"])
     if best_ssim:
         out["membership_auc_best_ssim"] = membership_auc(out["train_best_ssim"], out["heldout_best_ssim"])
+    out["heldout_max_ssim"] = float(np.max(out["heldout_ssim"]))
+    out["train_above_heldout_count"] = int(np.sum(out["train_ssim"] > out["heldout_max_ssim"]))
     per_reconstruction = _nearest_is_train(distances["train"], distances["heldout"])
     out["nearest_is_train_rate"] = float(per_reconstruction.mean())
     out["nearest_is_train_chance"] = out["n_train"] / (out["n_train"] + out["n_heldout"])

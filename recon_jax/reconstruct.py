@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import shutil
 import time
@@ -95,6 +96,7 @@ class ReconstructionSpec:
     lambda_min: float | tuple[float, ...] = 0.05  # kkt
     n_candidates: int | None = None  # kkt: m (default 2N)
     random_search: int | None = None
+    search_ranges: dict | None = None  # random search: {name: (lo, hi)} overriding the default ranges
     pool: int = 0  # pool the candidates of this many best runs into pooled.npz
     chunk_size: int | None = None  # None: chosen from free memory
     devices: int | None = None  # local devices the batch is sharded over; None: all
@@ -115,6 +117,13 @@ class ReconstructionSpec:
             raise ConfigError("prior weights must be >= 0")
         if self.random_search is not None and self.random_search < 1:
             raise ConfigError(f"--runs must be >= 1, got {self.random_search}")
+        if self.search_ranges:
+            if self.random_search is None:
+                raise ConfigError("search ranges apply to a random search only; use `recon-jax sweep --runs R`")
+            if self.method == "kkt":
+                kkt.search_ranges(self.search_ranges)
+            else:
+                _bilevel_search_ranges(self.search_ranges)
         if self.segment < 1 or self.pool < 0:
             raise ConfigError("segment must be >= 1 and pool >= 0")
         if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int)
@@ -195,6 +204,19 @@ def _starting_images(spec, labels, victim, truth, dtype, n_settings, init_scale)
     return np.repeat(x0, n_settings, axis=0)
 
 
+def _bilevel_search_ranges(overrides: dict | None) -> dict:
+    """The bilevel random search's (lr, init_scale) ranges, both log-uniform, with ``overrides``."""
+    ranges = {"lr": BILEVEL_LR_RANGE, "init_scale": BILEVEL_INIT_SCALE_RANGE}
+    for name, bounds in (overrides or {}).items():
+        if name not in ranges:
+            raise ConfigError(f"unknown bilevel search range {name!r}; choose among lr, init_scale")
+        lo, hi = (float(b) for b in bounds)
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise ConfigError(f"search range {name} is log-uniform and needs 0 < lo <= hi, got ({lo}, {hi})")
+        ranges[name] = (lo, hi)
+    return ranges
+
+
 def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     config = spec.bilevel
     problem = problem_from_victim(victim)
@@ -203,10 +225,11 @@ def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     if spec.random_search:
         rng = np.random.default_rng(spec.seed + 1)
         log_u = lambda bounds: np.exp(rng.uniform(np.log(bounds[0]), np.log(bounds[1]), spec.random_search))
-        sampled = {"learning_rate": log_u(BILEVEL_LR_RANGE),
+        ranges = _bilevel_search_ranges(spec.search_ranges)
+        sampled = {"learning_rate": log_u(ranges["lr"]),
                    "box_weight": np.full(spec.random_search, _values(spec.box_weight)[0]),
                    "tv_weight": np.full(spec.random_search, _values(spec.tv_weight)[0])}
-        init_scale = log_u(BILEVEL_INIT_SCALE_RANGE)
+        init_scale = log_u(ranges["init_scale"])
         n_settings = spec.random_search
     else:
         n_settings = len(_values(spec.learning_rate)) * len(_values(spec.box_weight)) * len(_values(spec.tv_weight))
@@ -227,13 +250,14 @@ def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
 
 def _kkt_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     config = spec.kkt_config(victim)
-    problem = kkt.problem_from_victim(victim, config.task, spec.n_candidates)
+    problem = kkt.problem_from_victim(victim, config.task, spec.n_candidates, config.box)
     m = 2 * victim.n_train if spec.n_candidates is None else spec.n_candidates
     labels = (np.asarray(problem.labels) if problem.labels is not None
               else np.resize(victim.known_labels(), m))  # regression: labels only pair oracle inits
     sampled = init_scale = None
     if spec.random_search:
-        hyper, scale = kkt.sample_hyper(jax.random.key(spec.seed + 1), spec.random_search, spec.lr_lambda, dtype)
+        hyper, scale = kkt.sample_hyper(jax.random.key(spec.seed + 1), spec.random_search, spec.lr_lambda, dtype,
+                                        spec.search_ranges)
         sampled = {"lr_x": hyper.lr_x, "lr_lambda": hyper.lr_lambda, "alpha": hyper.alpha,
                    "lambda_min": hyper.lambda_min}
         init_scale, n_settings = np.asarray(scale), spec.random_search

@@ -116,6 +116,7 @@ def _fmt(value, digits: int = 3) -> str:
 TABLE = (("victim", "victim"), ("method", "method"), ("init", "init"), ("seed", "seed"),
          ("init dist", "init_distance"), ("own SSIM", "own_ssim"),
          ("train good", "train_good_count"), ("held-out good", "heldout_good_count"),
+         ("train > best held-out", "train_above_heldout_count"),
          ("train SSIM", "train_mean_ssim"), ("held-out SSIM", "heldout_mean_ssim"),
          ("AUC dist", "membership_auc_distance"), ("AUC best-SSIM", "membership_auc_best_ssim"),
          ("NN is train (chance)", None), ("final loss (median)", "final_loss_median"),

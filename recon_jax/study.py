@@ -69,7 +69,7 @@ METRIC_COLUMNS = (
     "final_loss_name", "final_loss_min", "final_loss_median", "param_mismatch_median",
     "init_distance", "init_own_ssim", "own_ssim", "own_good_rate", "moved",
     "train_good_count", "heldout_good_count", "train_mean_ssim", "heldout_mean_ssim",
-    "train_hungarian_good_count", "heldout_hungarian_good_count",
+    "train_hungarian_good_count", "heldout_hungarian_good_count", "heldout_max_ssim", "train_above_heldout_count",
     "membership_auc_distance", "membership_auc_best_ssim", "nearest_is_train_rate", "nearest_is_train_chance",
     "distinct_minima", "minima_candidates",
     "landscape_at_reconstruction", "landscape_at_truth", "landscape_max_on_segment",

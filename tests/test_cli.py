@@ -59,6 +59,8 @@ def test_reconstruct_writes_the_run_folder(victim, tmp_path):
     (["train", "--n-per-class", "500"], "class"),
     (["train", "--loss", "logistic"], "binary task"),
     (["reconstruct", "--victim", "/nonexistent"], "not a victim folder"),
+    (["sweep", "--victim", "/nonexistent", "--runs", "2", "--search-range", "lr"], "--search-range takes NAME=LO,HI"),
+    (["sweep", "--victim", "/nonexistent", "--runs", "2", "--search-range", "beta=1,2"], "unknown bilevel search range"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
@@ -112,15 +114,26 @@ def test_kkt_reconstruct_sweep_and_evaluate(binary_relu_victim, tmp_path):
 
     sweep = tmp_path / "sweep"
     assert main(["sweep", "--victim", str(binary_relu_victim), "--method", "kkt", "--runs", "3", "--seeds", "2",
-                 "--steps", "10", "--pool", "2", "--out", str(sweep)]) == 0
+                 "--steps", "10", "--pool", "2", "--search-range", "lr=1e-3,1e-2", "--search-range", "alpha=40,60",
+                 "--out", str(sweep)]) == 0
     summary = json.loads((sweep / "run.json").read_text())
     assert summary["n_runs"] == 6 and len(set(summary["run_lr_x"])) == 3 and len(summary["run_init_scale"]) == 6
+    assert all(1e-3 <= lr <= 1e-2 for lr in summary["run_lr_x"]) and all(40 <= a <= 60 for a in summary["run_alpha"])
+    assert summary["spec"]["search_ranges"] == {"lr": [1e-3, 1e-2], "alpha": [40.0, 60.0]}
     losses = np.asarray(summary["final_outer_loss"])
     assert list(losses[summary["ranking"]]) == sorted(losses)
     with np.load(sweep / "pooled.npz") as f:
         assert f["images"].shape == (24, 8, 8, 1) and list(np.unique(f["runs"])) == sorted(summary["ranking"][:2])
 
-    assert main(["evaluate", "--run", str(sweep), "--plain-l2"]) == 0
+    assert main(["evaluate", "--run", str(sweep), "--plain-l2", "--pool-by-score", "2"]) == 0
     evaluation = json.loads((sweep / "evaluation.json").read_text())
     assert evaluation["n_reconstructions"] == 72 and evaluation["n_train"] == evaluation["n_heldout"] == 6
     assert 0 <= evaluation["membership_auc_distance"] <= 1 and len(evaluation["per_run_train_good_count"]) == 6
+    # The reference's extraction score ranks the runs (lower is better) and pools the best two.
+    scores = np.asarray(evaluation["per_run_extraction_score"])
+    assert evaluation["evaluated_runs"] == list(range(6)) and np.all((0 <= scores) & (scores <= 1))
+    assert list(scores[evaluation["score_ranking"]]) == sorted(scores)
+    assert evaluation["pooled_by_score"]["runs"] == evaluation["score_ranking"][:2]
+    assert evaluation["pooled_by_score"]["n_reconstructions"] == 24
+    with np.load(sweep / "pooled_by_score.npz") as f:
+        assert f["centered"].shape == (24, 8, 8, 1) and sorted(set(f["runs"])) == sorted(evaluation["score_ranking"][:2])

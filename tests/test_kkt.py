@@ -357,6 +357,23 @@ def test_initial_lambdas_and_random_search_ranges():
         assert values.shape == (2000,) and lo <= values.min() and values.max() <= hi
         assert abs(values.mean() - (lo + hi) / 2) < 0.05 * (hi - lo)  # uniform on the (log) scale
     np.testing.assert_array_equal(hyper.lr_lambda, np.full(2000, 1e-4))
+    # Overridden ranges: only the named ones change; lo == hi fixes the value.
+    hyper, init_scale = kkt.sample_hyper(jax.random.key(1), 500, ranges={"lr": (0.3, 1.0), "alpha": (150, 150)})
+    assert 0.3 <= float(hyper.lr_x.min()) and float(hyper.lr_x.max()) <= 1.0
+    np.testing.assert_allclose(hyper.alpha, 150.0)
+    assert float(init_scale.min()) >= 1e-6 and float(init_scale.max()) <= 0.1
+    assert 0.01 <= float(hyper.lambda_min.min()) and float(hyper.lambda_min.max()) <= 0.5
+
+
+@pytest.mark.parametrize("ranges, message", [
+    ({"momentum": (0, 1)}, "unknown search range 'momentum'; choose among lr, init_scale, alpha, lambda_min"),
+    ({"lr": (0.0, 1.0)}, r"lr is log-uniform and needs lo > 0"),
+    ({"alpha": (500, 10)}, r"finite lo <= hi, got \(500.0, 10.0\)"),
+    ({"lambda_min": (0.1,)}, "must be two numbers lo, hi"),
+])
+def test_bad_search_ranges_raise(ranges, message):
+    with pytest.raises(ConfigError, match=message):
+        kkt.search_ranges(ranges)
 
 
 def test_flops_per_step():
@@ -392,6 +409,48 @@ def test_flops_per_step():
 def test_bad_config_raises(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         kkt.KKTConfig(**kwargs)
+
+
+def test_pixel_box_bounds_the_candidate_plus_mean_to_unit_range():
+    """box 'pixel': l = −μ, u = 1 − μ, so the penalty is zero exactly when x + μ ∈ [0, 1]; its
+    gradient is the closed form 2 relu(x − u) − 2 relu(l − x)."""
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(0.0, 0.6, (1, 3, 4, 1))
+    lower, upper = kkt.box_bounds("pixel", mean, (3, 4, 1))
+    np.testing.assert_array_equal(lower, -mean[0])
+    np.testing.assert_array_equal(upper, 1.0 - mean[0])
+    inside = jnp.asarray(rng.uniform(0.0, 1.0, (5, 3, 4, 1)) - mean)
+    assert float(kkt.box_penalty(inside, lower, upper)) == 0.0
+    x = jnp.asarray(rng.uniform(-1.5, 1.5, (5, 3, 4, 1)))
+    pixels = np.asarray(x) + mean
+    expected = np.sum(np.maximum(pixels - 1, 0) ** 2 + np.maximum(-pixels, 0) ** 2)
+    np.testing.assert_allclose(float(kkt.box_penalty(x, lower, upper)), expected, rtol=1e-12)
+    grad = jax.grad(lambda z: kkt.box_penalty(z, lower, upper))(x)
+    np.testing.assert_allclose(grad, 2 * np.maximum(pixels - 1, 0) - 2 * np.maximum(-pixels, 0), rtol=1e-12)
+    # The reference box is (−1, 1) and needs no mean.
+    assert kkt.box_bounds("centered", None, (3, 4, 1)) == (-1.0, 1.0)
+    with pytest.raises(ConfigError, match="'pixel' box needs the victim's training mean.*preprocessing.npz"):
+        kkt.box_bounds("pixel", None, (3, 4, 1))
+    with pytest.raises(ConfigError, match="mean contains NaN"):
+        kkt.box_bounds("pixel", np.full((1, 3, 4, 1), np.nan), (3, 4, 1))
+    with pytest.raises(ConfigError, match="unknown KKT box 'unit'; choose one of centered, pixel"):
+        kkt.KKTConfig(box="unit")
+
+
+def test_pixel_box_enters_the_loss_through_the_problem():
+    model = MLP(n_out=1)
+    params = _params(model, (2, 2, 1), seed=3)
+    mean = jnp.full((2, 2, 1), 0.25)
+    labels = jnp.array([0, 1])
+    images = jnp.full((2, 2, 2, 1), 0.9)  # x + μ = 1.15 > 1 everywhere; inside the centered box
+    lambdas = jnp.ones(2)
+    centered = kkt.Problem(victim_params=params, labels=labels, model=model)
+    pixel = centered.replace(box_lower=-mean, box_upper=1.0 - mean)
+    _, terms_c = kkt.kkt_loss(kkt.KKTConfig(), centered, kkt.Hyper(lr_x=0.1), images, lambdas)
+    _, terms_p = kkt.kkt_loss(kkt.KKTConfig(box="pixel"), pixel, kkt.Hyper(lr_x=0.1), images, lambdas)
+    assert float(terms_c["box_penalty"]) == 0.0
+    np.testing.assert_allclose(float(terms_p["box_penalty"]), 8 * 0.15 ** 2, rtol=1e-12)
+    np.testing.assert_allclose(float(terms_p["stationarity"]), float(terms_c["stationarity"]), rtol=1e-12)
 
 
 def test_mismatched_problem_raises():

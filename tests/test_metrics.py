@@ -290,6 +290,9 @@ def test_evaluate_perfect_train_reconstructions(digits):
     assert result["membership_auc_best_ssim"] == 1.0
     assert result["nearest_is_train_rate"] == 1.0 and result["nearest_is_train_chance"] == 0.5
     assert result["n_reconstructions"] == 20
+    # Every training image is recovered better than any held-out image is matched.
+    assert result["heldout_max_ssim"] == pytest.approx(np.max(result["heldout_ssim"]))
+    assert result["heldout_max_ssim"] < 0.999 and result["train_above_heldout_count"] == 20
 
 
 def test_evaluate_heldout_reconstructions_is_the_mirror(digits):
@@ -300,6 +303,7 @@ def test_evaluate_heldout_reconstructions_is_the_mirror(digits):
     assert result["membership_auc_distance"] == 0.0
     assert result["membership_auc_best_ssim"] == 0.0
     assert result["nearest_is_train_rate"] == 0.0
+    assert result["heldout_max_ssim"] == pytest.approx(1.0, abs=1e-4) and result["train_above_heldout_count"] == 0
 
 
 def test_evaluate_union_of_both_pools_gives_no_evidence(digits):
@@ -343,3 +347,11 @@ def test_evaluate_rejects_diverged_reconstructions(digits):
     runs[1, 3, 0, 0, 0] = np.nan
     with pytest.raises(DataError, match="1 of 40 reconstructions"):
         metrics.evaluate_reconstructions(runs, train, held, mean)
+
+
+def test_extraction_score_is_the_mean_of_the_ten_smallest_dssims():
+    from recon_jax.evaluation import extraction_score
+
+    values = np.linspace(0.0, 0.5, 30)[::-1]
+    assert extraction_score(values) == pytest.approx(np.linspace(0.0, 0.5, 30)[:10].mean())
+    assert extraction_score(np.array([0.2, 0.4])) == pytest.approx(0.3)  # fewer than 10: all of them
