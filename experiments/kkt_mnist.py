@@ -100,9 +100,10 @@ The same thing through the command line:
       --kkt-box pixel --out OUT/run
     recon-jax evaluate --run OUT/run --plain-l2
 
-Runtime on the 2-core machine: victim training 680 s (jaxopt GD, 6.8 ms per step with the
-machine shared; 4.9 ms alone), the KKT residual at the truth 7 s, the attack 302 s (4 runs ×
-6000 steps, 12.6 ms per run-step in float64), the evaluation a few seconds: about 17 minutes.
+Runtime on the 2-core machine: victim training 292 s with the machine idle (680 s while it was
+shared; jaxopt GD, 2.9–6.8 ms per step), the KKT residual at the truth 7 s, the attack 301 s
+(4 runs × 6000 steps, 12.6 ms per run-step in float64), the evaluation a few seconds: about
+10 minutes, 17 with the machine shared.
 Rerunning with the same --out reuses the finished victim and runs; ``--box centered`` then
 costs only its own attack (292 s).
 
