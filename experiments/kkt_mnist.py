@@ -34,7 +34,8 @@ SSIM (0.678, 0.676), SSIM up to 0.79; per-run counts 12, 6, 4, 17; membership AU
 0.983, and the attack's 0.982: the second layer keeps its init (‖W₂‖² = 1013 of
 ‖θ*‖² = 1036), which no combination of margin gradients explains, so the global residual
 measures that init, while the first layer and the output weights carry the images. The
-figure in the README (``docs/kkt_mnist_recovered_pixel.png``) is this run.
+figure in the README (``docs/kkt_mnist_recovered_pixel.png``) is this run. Rerun from a fresh
+clone it reproduced every figure above.
 
 How to read the counts. On MNIST the 0.4 threshold carries no evidence: a 3×3 SSIM is
 dominated by the flat black background, so a candidate with a clean background and a blurred
