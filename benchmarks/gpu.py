@@ -132,14 +132,7 @@ def peak_tflops(device, dtype_name: str, tf32: bool) -> float | None:
 
 def vm_hwm_bytes() -> int | None:
     """Peak resident set size of this process (VmHWM), or None where /proc is absent."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return batching.proc_kib_field("/proc/self/status", "VmHWM")
 
 
 def device_peak_bytes() -> int | None:

@@ -169,11 +169,10 @@ def attack_spec(args) -> ReconstructionSpec:
         dtype=args.dtype, kkt=kkt.KKTConfig(steps=args.steps, task="binary", optimizer="sgd", box=args.box))
 
 
-def truth_residual(victim_dir: Path, alpha: float | None) -> float:
-    """min_λ ‖θ* − (1/N) Σ_j λ_j y_j ∇_θΦ(x_j)‖ / ‖θ*‖ at the N true training images, through the
-    attacked network (modified ReLU with sharpness α), or the plain relu network for α = None."""
-    victim = checkpoint.load_victim(victim_dir)
-    truth = sorted_ground_truth(victim_dir)
+def truth_residual(victim: checkpoint.Victim, truth: dict, alpha: float | None) -> float:
+    """min_λ ‖θ* − (1/N) Σ_j λ_j y_j ∇_θΦ(x_j)‖ / ‖θ*‖ at the N true training images (``truth``,
+    sorted by label), through the attacked network (modified ReLU with sharpness α), or the
+    plain relu network for α = None."""
     images = jnp.asarray(truth["train_images"] - truth["mean"], jnp.float64)
     model = victim.model if alpha is None else kkt.attacked_model(victim.model, jnp.asarray(alpha, jnp.float64))
     value, _ = landscape.profiled_stationarity("binary", model.apply, victim.params, images,
@@ -245,8 +244,9 @@ def main() -> None:
 
     start = time.perf_counter()
     alpha_truth = float(args.alpha.split(",")[0])
-    residual_attacked = truth_residual(victim_dir, alpha_truth)
-    residual_relu = truth_residual(victim_dir, None)
+    victim, truth = checkpoint.load_victim(victim_dir), sorted_ground_truth(victim_dir)
+    residual_attacked = truth_residual(victim, truth, alpha_truth)
+    residual_relu = truth_residual(victim, truth, None)
     seconds["truth_residual"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -256,7 +256,6 @@ def main() -> None:
 
     start = time.perf_counter()
     evaluate_run(run_dir, plain_l2=True, best_ssim=False)  # the standard files, as `recon-jax evaluate --plain-l2`
-    truth = sorted_ground_truth(victim_dir)
     with np.load(run_dir / "reconstructions.npz") as f:
         centered = f["centered"]
     keep = ~np.asarray(run["diverged"], bool)

@@ -154,15 +154,22 @@ def available_memory_bytes(devices: int | None = None) -> int:
     return _host_available_bytes() // max(1, len(chosen))
 
 
-def _host_available_bytes() -> int:
+def proc_kib_field(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a /proc file (e.g. MemAvailable in /proc/meminfo, VmHWM in
+    /proc/self/status) in bytes, or None where the file or the field is absent."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 4 << 30
+    return None
+
+
+def _host_available_bytes() -> int:
+    available = proc_kib_field("/proc/meminfo", "MemAvailable")
+    return 4 << 30 if available is None else available
 
 
 def auto_chunk_size(n_inits: int, bytes_per_init: int, fraction: float | None = None, *,

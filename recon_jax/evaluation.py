@@ -11,8 +11,8 @@ DSSIM of the 10 best-matched training images; lower is better). ``pool_by_score=
 the runs by that score, writes the best P runs' candidates to ``pooled_by_score.npz`` and
 judges that pool too, as the reference pools its sweeps. The score reads the training set:
 it is an oracle an attacker does not have (``recon-jax sweep`` ranks by final loss instead),
-which is why the pool is judged against the held-out pool as well. This is the only place, with ``recon_jax.reconstruct``'s oracle initialisations, that reads
-the victim's ground truth.
+which is why the pool is judged against the held-out pool as well. This is the only place,
+with ``recon_jax.reconstruct``'s oracle initialisations, that reads the victim's ground truth.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, victim_dir: str | os.PathLike | 
                  plain_l2: bool = False, good_threshold: float = metrics.GOOD_SSIM, best_ssim: bool = True,
                  per_run: bool = True, pool_by_score: int = 0) -> dict:
     """Evaluate ``run_dir`` (see module doc) and return the summary written to evaluation.json."""
+    if pool_by_score < 0 or (pool_by_score and (pooled or not per_run)):
+        raise ConfigError("pool_by_score needs a per-run evaluation of all runs (not --pooled) and P >= 1")
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise ConfigError(f"{run_dir} is not a finished run folder (no run.json); run `recon-jax reconstruct` first")
@@ -60,8 +62,6 @@ def evaluate_run(run_dir: str | os.PathLike, *, victim_dir: str | os.PathLike | 
     with np.load(source, allow_pickle=False) as f:
         centered = f["centered"]
     diverged = np.asarray(run["diverged"], bool)
-    if pool_by_score < 0 or (pool_by_score and (pooled or not per_run)):
-        raise ConfigError("pool_by_score needs a per-run evaluation of all runs (not --pooled) and P >= 1")
     run_index = np.flatnonzero(~diverged) if not pooled else None
     if not pooled and diverged.any():
         centered = centered[~diverged]  # a diverged run's candidates are frozen garbage, not evidence

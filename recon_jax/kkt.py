@@ -392,28 +392,34 @@ SEARCH_RANGES = {"lr": LR_X_RANGE, "init_scale": INIT_SCALE_RANGE, "alpha": ALPH
                  "lambda_min": LAMBDA_MIN_RANGE}
 
 
-def search_ranges(overrides: dict | None = None) -> dict[str, tuple[float, float]]:
-    """The random-search ranges: the reference's (``SEARCH_RANGES``) with ``overrides`` applied.
+def resolve_ranges(overrides: dict | None, defaults: dict, positive: dict, what: str = "") -> dict:
+    """``defaults`` {name: (lo, hi)} with ``overrides`` applied, each checked before any work.
 
-    Each range is (lo, hi) with lo <= hi (lo == hi fixes the value); lr and init_scale are
-    log-uniform, so they need lo > 0.
+    A range is two finite numbers lo <= hi (lo == hi fixes the value); a name in ``positive``
+    also needs lo > 0, and its value there says why (e.g. "log-uniform"). ``what`` names the
+    search in the error for an unknown name (e.g. "bilevel ").
     """
-    ranges = dict(SEARCH_RANGES)
+    ranges = dict(defaults)
     for name, bounds in (overrides or {}).items():
-        if name not in SEARCH_RANGES:
-            raise ConfigError(f"unknown search range {name!r}; choose among {', '.join(SEARCH_RANGES)}")
+        if name not in defaults:
+            raise ConfigError(f"unknown {what}search range {name!r}; choose among {', '.join(defaults)}")
         try:
             lo, hi = (float(b) for b in bounds)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"search range {name} must be two numbers lo, hi; got {bounds!r}") from err
         if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
             raise ConfigError(f"search range {name} must have finite lo <= hi, got ({lo}, {hi})")
-        if name in ("lr", "init_scale") and lo <= 0:
-            raise ConfigError(f"search range {name} is log-uniform and needs lo > 0, got ({lo}, {hi})")
-        if name == "alpha" and lo <= 0:
-            raise ConfigError(f"search range alpha needs lo > 0 (the modified-ReLU sharpness), got ({lo}, {hi})")
+        if name in positive and lo <= 0:
+            raise ConfigError(f"search range {name} is {positive[name]} and needs lo > 0, got ({lo}, {hi})")
         ranges[name] = (lo, hi)
     return ranges
+
+
+def search_ranges(overrides: dict | None = None) -> dict[str, tuple[float, float]]:
+    """The KKT random-search ranges: the reference's (``SEARCH_RANGES``) with ``overrides``
+    applied (``resolve_ranges``); lr and init_scale are log-uniform, α a sharpness > 0."""
+    return resolve_ranges(overrides, SEARCH_RANGES, {"lr": "log-uniform", "init_scale": "log-uniform",
+                                                     "alpha": "the modified-ReLU sharpness"})
 
 
 def sample_hyper(key: jax.Array, n_runs: int, lr_lambda: float = REFERENCE_LR_LAMBDA, dtype=None,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import os
 import shutil
 import time
@@ -206,15 +205,8 @@ def _starting_images(spec, labels, victim, truth, dtype, n_settings, init_scale)
 
 def _bilevel_search_ranges(overrides: dict | None) -> dict:
     """The bilevel random search's (lr, init_scale) ranges, both log-uniform, with ``overrides``."""
-    ranges = {"lr": BILEVEL_LR_RANGE, "init_scale": BILEVEL_INIT_SCALE_RANGE}
-    for name, bounds in (overrides or {}).items():
-        if name not in ranges:
-            raise ConfigError(f"unknown bilevel search range {name!r}; choose among lr, init_scale")
-        lo, hi = (float(b) for b in bounds)
-        if not (0 < lo <= hi and math.isfinite(hi)):
-            raise ConfigError(f"search range {name} is log-uniform and needs 0 < lo <= hi, got ({lo}, {hi})")
-        ranges[name] = (lo, hi)
-    return ranges
+    return kkt.resolve_ranges(overrides, {"lr": BILEVEL_LR_RANGE, "init_scale": BILEVEL_INIT_SCALE_RANGE},
+                              {"lr": "log-uniform", "init_scale": "log-uniform"}, what="bilevel ")
 
 
 def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:

@@ -61,6 +61,8 @@ def test_reconstruct_writes_the_run_folder(victim, tmp_path):
     (["reconstruct", "--victim", "/nonexistent"], "not a victim folder"),
     (["sweep", "--victim", "/nonexistent", "--runs", "2", "--search-range", "lr"], "--search-range takes NAME=LO,HI"),
     (["sweep", "--victim", "/nonexistent", "--runs", "2", "--search-range", "beta=1,2"], "unknown bilevel search range"),
+    (["sweep", "--victim", "/nonexistent", "--runs", "2", "--search-range", "lr=0,1"],
+     "search range lr is log-uniform and needs lo > 0"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
