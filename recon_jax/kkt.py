@@ -72,6 +72,13 @@ learning rates (x: log-uniform 1e-5…1; λ: 1e-4), x₀ ~ N(0, σ²) with σ lo
 50,000 steps. Learning rates are applied outside optax so that they can be traced, and a
 sweep over (lr, σ, α, λ_min) is one vmapped program (``recon_jax.batching.run_batched``).
 
+Precision: the attack computes in θ*'s dtype. ``init_state`` refuses candidates or multipliers
+of another dtype, and ``run_steps`` hyperparameter arrays of another dtype (ConfigError), so
+nothing is silently widened or narrowed. float32 is safe here (``benchmarks/precision.py``: the
+float32 gradient of L_KKT is within 1e-7 of float64's, and L_KKT after 100 SGD steps agrees to 7
+digits) and 2.6–5× faster on CPU (``benchmarks/kkt.py``), so ``recon_jax.reconstruct`` runs KKT
+in float32 unless a dtype is asked for.
+
 Everything here is written for ONE run (one set of m candidates); batching happens outside.
 """
 
@@ -92,6 +99,7 @@ from jax import lax
 from recon_jax.errors import ConfigError
 from recon_jax.models import MLP
 from recon_jax.objectives import all_finite, signed_labels, squared_norm
+from recon_jax.precision import check_same_dtype
 
 if TYPE_CHECKING:
     from recon_jax.checkpoint import Victim
@@ -310,9 +318,19 @@ def _check_shapes(config: KKTConfig, problem: Problem, images: jax.Array, lambda
                           f"{config.task!r} with {m} candidates and {n_out} outputs; use kkt.initial_lambdas")
 
 
+def _check_dtypes(problem: Problem, **arrays) -> None:
+    """Refuse floating arrays whose dtype differs from θ*'s (static: dtypes are concrete under jit/vmap)."""
+    for name, array in arrays.items():
+        check_same_dtype(name, array, problem.victim_params,
+                         "create them in theta*'s dtype (e.g. jnp.asarray(x, dtype), kkt.initial_lambdas(..., dtype), "
+                         "kkt.sample_hyper(..., dtype)), or cast theta* with recon_jax.precision.cast_tree")
+
+
 def init_state(config: KKTConfig, problem: Problem, images: jax.Array, lambdas: jax.Array) -> KKTState:
-    """The state before the first step, from candidates x₀ (m, h, w, c) and multipliers λ₀."""
+    """The state before the first step, from candidates x₀ (m, h, w, c) and multipliers λ₀,
+    both in θ*'s dtype (ConfigError otherwise)."""
     _check_shapes(config, problem, images, lambdas)
+    _check_dtypes(problem, **{"the candidate images": images, "the multipliers λ": lambdas})
     return KKTState(images=images, lambdas=lambdas, opt_state=_optimizer(config).init((images, lambdas)),
                     step=jnp.asarray(0), diverged=jnp.asarray(False))
 
@@ -340,8 +358,12 @@ def step(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState):
     return new_state, {"kkt_loss": total, **terms}
 
 
-def run_steps(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState, n_steps: int):
-    """``n_steps`` steps as one ``lax.scan``: (state, {name: (n_steps,)} history)."""
+def run_steps(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState, n_steps: int, start=0):
+    """``n_steps`` steps as one ``lax.scan``: (state, {name: (n_steps,)} history). ``start`` (the
+    first step's index, given by ``run_batched``) is not needed: every KKT step is the same.
+    Hyperparameters given as arrays must have θ*'s dtype (Python floats adapt to it)."""
+    _check_dtypes(problem, **{f"the hyperparameter {name}": value for name, value in vars(hyper).items()
+                              if isinstance(value, (jax.Array, np.ndarray)) and not getattr(value, "weak_type", False)})
     return lax.scan(lambda s, _: step(config, problem, hyper, s), state, None, length=n_steps)
 
 

@@ -5,6 +5,12 @@ pytrees, so every attack can treat θ as an ordinary pytree and differentiate th
 
     𝒩(θ; x) = W_L σ(… σ(W_1 vec(x) + b_1) …) + b_L
 
+The network computes in the dtype of θ: each layer casts its input to its kernel's dtype,
+so float32 images fed to a float64 θ* compute in float64 (and float64 images fed to a float32
+θ compute in float32); the parameters are never cast. ``init_params(model, key, shape, dtype)``
+creates θ in ``dtype``. Keeping images and θ in one dtype is the job of the library's entry
+points (see ``recon_jax.precision``).
+
 ``hidden=()`` is the affine model 𝒩(θ; x) = W vec(x) + b; ``hidden=(1000,)`` has one
 hidden layer; ``hidden=(1000, 1000)`` is the reference architecture of Haim et al. 2022
 (with ``use_bias=(True, False, False)`` and ``first_layer_init_scale=1e-4``).
@@ -26,6 +32,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from recon_jax.errors import ConfigError
 
@@ -82,6 +89,32 @@ def activation_fn(name: str, softplus_beta: float = 1.0, alpha: float = 100.0) -
     raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
+class Dense(nn.Module):
+    """One affine layer that computes in its parameters' dtype: h (n, d_in) -> (n, width),
+
+        y = cast(h, dtype(W)) W + b,      W: (d_in, width),  b: (width,) (if ``use_bias``)
+
+    The same parameter tree and arithmetic as ``flax.linen.Dense`` (``kernel``, ``bias``;
+    ``lax.dot_general`` at default precision), except for the dtype rule: at initialisation
+    W and b are created in h's dtype; when applied, h is cast to W's dtype, so the compute
+    dtype is θ's, never the input's.
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (h.shape[-1], self.features), h.dtype)
+        h = h.astype(kernel.dtype)
+        y = lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), kernel.dtype)
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
 class MLP(nn.Module):
     """Multilayer perceptron on flattened NHWC images.
 
@@ -96,7 +129,8 @@ class MLP(nn.Module):
       alpha: sharpness α of ``modified_relu`` (attack copies only; may be traced, so an
         attacked copy ``model.clone(activation="modified_relu", alpha=a)`` can be vmapped over a).
 
-    ``__call__`` maps images (n, h, w, c) (or one image (h, w, c)) to outputs (n, n_out).
+    ``__call__`` maps images (n, h, w, c) (or one image (h, w, c)) to outputs (n, n_out), in
+    θ's dtype (the images are cast to it, see ``Dense``).
     Parameters are ``{"params": {"layer_0": {"kernel": (d_in, d_1), "bias": (d_1,)}, ...}}``.
     """
 
@@ -144,15 +178,16 @@ class MLP(nn.Module):
             kernel_init = nn.initializers.lecun_normal()
             if i == 0 and self.first_layer_init_scale is not None:
                 kernel_init = nn.initializers.normal(self.first_layer_init_scale)
-            h = nn.Dense(width, use_bias=bias, kernel_init=kernel_init, name=f"layer_{i}",
-                         param_dtype=images.dtype, dtype=images.dtype)(h)
+            h = Dense(width, use_bias=bias, kernel_init=kernel_init, name=f"layer_{i}")(h)
             if i < len(widths) - 1:
                 h = sigma(h)
         return h[0] if single else h
 
 
 def init_params(model: MLP, key: jax.Array, image_shape: Sequence[int], dtype=jnp.float32):
-    """θ₀ = model.init(key, x) for one dummy image of shape (h, w, c), in ``dtype``."""
+    """θ₀ = model.init(key, x) for one dummy image of shape (h, w, c): every leaf in ``dtype``.
+
+    The initial draws are made in ``dtype`` (a float64 θ₀ is not a float32 draw widened)."""
     return model.init(key, jnp.zeros((1, *image_shape), dtype))
 
 

@@ -26,6 +26,19 @@ the solution is unchanged, while ∂l/∂probe = −(H + ρI)⁻¹ g = −v exac
 warm-starts CG; consecutive outer steps change x little, so the previous v is an excellent
 start and CG stops after a few iterations. The gradient with respect to ``init_params`` is
 zero by construction: the argmin does not depend on where the solver started.
+
+Tolerances: ``InnerConfig(tol=None, cg_tol=None)`` (the default) means "by dtype": they are
+resolved from θ's dtype by ``InnerConfig.resolved`` (``recon_jax.precision.default_tolerances``:
+1e-10 in float64, 1e-6 in float32) when the argmin is called. The solve stops at
+‖∇_θL‖₂ ≤ tol, at ``maxiter``, or at the first line search that fails WITHOUT decreasing L
+(reported as ``InnerInfo.failed_linesearch``). A zoom line search (Nocedal & Wright 2006,
+Algorithms 3.5–3.6) fails when no trial step meets both Wolfe conditions; it then falls
+back to a step with sufficient decrease if it found one. Such a fallback step is progress,
+and L-BFGS recovers from it (measured in float64: a failure at ‖∇L‖ ≈ 1e-9, then 1e-13 six
+iterations later), so it does not stop the solve. A failure whose step leaves L unchanged or
+higher is where round-off, not the solver, limits ‖∇_θL‖ (float32 stalls there at ‖∇L‖ ≈ 1e-7
+on the digits victims), and every later iteration only makes noisy steps: that stops it.
+Images must have θ's dtype (``precision.check_same_dtype``).
 """
 
 from __future__ import annotations
@@ -43,29 +56,41 @@ from jax import lax
 
 from recon_jax.errors import ConfigError
 from recon_jax.objectives import squared_norm
+from recon_jax.precision import check_same_dtype, default_tolerances, tree_dtype
 
 BACKENDS = ("jaxopt", "custom_vjp")
 
 
 @dataclasses.dataclass(frozen=True)
 class InnerConfig:
-    """Inner solver (L-BFGS) and adjoint (CG) settings; all static under jit."""
+    """Inner solver (L-BFGS) and adjoint (CG) settings; all static under jit.
+
+    ``tol`` and ``cg_tol`` None (the default) mean "by θ's dtype", see ``resolved``.
+    """
 
     backend: str = "jaxopt"
-    tol: float = 1e-10  # stop when ‖∇_θL‖₂ ≤ tol (use ~1e-6 in float32)
+    tol: float | None = None  # stop when ‖∇_θL‖₂ ≤ tol; None: by dtype (1e-10 float64, 1e-6 float32)
     maxiter: int = 500
     history_size: int = 10
     cg_ridge: float = 1e-10
     cg_maxiter: int = 200
-    cg_tol: float = 1e-10  # relative: ‖(H+ρ)v − g‖ ≤ cg_tol ‖g‖
+    cg_tol: float | None = None  # relative: ‖(H+ρ)v − g‖ ≤ cg_tol ‖g‖; None: by dtype, as tol
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown inner backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.maxiter < 1 or self.cg_maxiter < 1:
             raise ConfigError("inner maxiter and cg_maxiter must be >= 1 (CG is always capped)")
-        if self.cg_ridge < 0 or self.tol <= 0 or self.cg_tol <= 0:
-            raise ConfigError("cg_ridge must be >= 0, tol and cg_tol > 0")
+        if self.cg_ridge < 0 or (self.tol is not None and not self.tol > 0) or (
+                self.cg_tol is not None and not self.cg_tol > 0):
+            raise ConfigError("cg_ridge must be >= 0, tol and cg_tol > 0 (or None: by dtype)")
+
+    def resolved(self, dtype) -> InnerConfig:
+        """This config with ``tol`` / ``cg_tol`` that are None replaced by the ``inner_tol`` /
+        ``cg_tol`` of ``recon_jax.precision.default_tolerances(dtype)``; given values are kept."""
+        defaults = default_tolerances(dtype)
+        return dataclasses.replace(self, tol=defaults["inner_tol"] if self.tol is None else self.tol,
+                                   cg_tol=defaults["cg_tol"] if self.cg_tol is None else self.cg_tol)
 
 
 @struct.dataclass
@@ -74,6 +99,7 @@ class InnerInfo:
 
     iterations: jax.Array  # int, inner solver iterations
     grad_norm: jax.Array  # ‖∇_θL(θ(x); x)‖₂ at the returned solution
+    failed_linesearch: jax.Array  # bool: a line search failed without decreasing L, stopping at ‖∇_θL‖₂ > tol
 
 
 def probed(objective: Callable) -> Callable:
@@ -87,50 +113,90 @@ def probed(objective: Callable) -> Callable:
 
 
 def make_argmin(objective: Callable, config: InnerConfig) -> Callable:
-    """θ(x) with implicit differentiation; see the module docstring for the signature."""
+    """θ(x) with implicit differentiation; see the module docstring for the signature.
+
+    ``config``'s None tolerances are resolved from ``init_params``' dtype at each call
+    (``InnerConfig.resolved``), and images of another dtype than θ are refused (ConfigError).
+    """
     fun = probed(objective)
-    if config.backend == "jaxopt":
-        return partial(_argmin_jaxopt, fun, config)
-    return partial(_argmin_custom_vjp, fun, config)
+    argmin = _argmin_jaxopt if config.backend == "jaxopt" else _argmin_custom_vjp
+
+    def call(init_params, images, labels, probe, adjoint_init):
+        check_same_dtype("the images", images, init_params,
+                         "cast them with jnp.asarray(images, dtype) to theta's dtype, or theta with "
+                         "recon_jax.precision.cast_tree(params, images.dtype)")
+        return argmin(fun, config.resolved(tree_dtype(init_params)), init_params, images, labels, probe, adjoint_init)
+
+    return call
+
+
+@dataclasses.dataclass(eq=False)
+class _LBFGS(jaxopt.LBFGS):
+    """``jaxopt.LBFGS`` whose ``state.failed_linesearch`` means "the line search failed AND its
+    step did not decrease L" (L(θ_{k+1}) ≥ L(θ_k)), see the module docstring. With
+    ``stop_if_linesearch_fails=True`` jaxopt's own loop then stops there; ``run`` keeps its
+    ``custom_root`` decoration, so the argmin is still differentiated implicitly."""
+
+    def update(self, params, state, *args, **kwargs):
+        params, new = super().update(params, state, *args, **kwargs)
+        stalled = new.failed_linesearch & ~(new.value < state.value)
+        return jaxopt.OptStep(params=params, state=new._replace(failed_linesearch=stalled))
 
 
 def _argmin_jaxopt(fun, config: InnerConfig, init_params, images, labels, probe, adjoint_init):
     # jaxopt's root_vjp solves H u = −∂l/∂θ, i.e. u = −v: warm-start CG from −v_prev.
     cg_init = jax.tree_util.tree_map(jnp.negative, adjoint_init)
-    solver = jaxopt.LBFGS(
+    solver = _LBFGS(
         fun=fun, tol=config.tol, maxiter=config.maxiter, history_size=config.history_size, jit=True,
-        implicit_diff=True,
+        stop_if_linesearch_fails=True, implicit_diff=True,
         implicit_diff_solve=partial(jaxopt.linear_solve.solve_cg, init=cg_init, ridge=config.cg_ridge,
                                     maxiter=config.cg_maxiter, tol=config.cg_tol))
     params, state = solver.run(init_params, images, labels, probe)
+    failed = state.failed_linesearch & (state.error > config.tol)
     return params, InnerInfo(iterations=lax.stop_gradient(state.iter_num),
-                             grad_norm=lax.stop_gradient(state.error))
+                             grad_norm=lax.stop_gradient(state.error),
+                             failed_linesearch=lax.stop_gradient(failed))
+
+
+MAX_LINESEARCH_STEPS = 20  # optax.lbfgs's default zoom line search budget
 
 
 def lbfgs_minimize(fun: Callable, init_params, *, tol: float, maxiter: int, history_size: int):
-    """Pure-optax L-BFGS (zoom line search) until ‖∇fun‖₂ ≤ tol or ``maxiter``.
+    """Pure-optax L-BFGS (zoom line search) until ‖∇fun‖₂ ≤ tol, ``maxiter``, or a line search
+    that fails without decreasing ``fun`` (see the module docstring; the same rule as the
+    jaxopt backend's).
 
-    Returns (params, InnerInfo). ``fun`` maps params to a scalar.
+    Returns (params, InnerInfo). ``fun`` maps params to a scalar. optax's zoom line search
+    (``scale_by_zoom_linesearch``) exposes no failure flag, so it is read from its info: it
+    failed when its last trial point misses the sufficient-decrease condition
+    (``info.decrease_error`` > 0; inf for a non-finite value) or when it used its whole budget
+    of ``MAX_LINESEARCH_STEPS`` trials. Such a failure stops the loop, after its step is
+    applied, when fun(θ_{k+1}) ≥ fun(θ_k).
     """
-    opt = optax.lbfgs(memory_size=history_size)
+    opt = optax.lbfgs(memory_size=history_size, linesearch=optax.scale_by_zoom_linesearch(
+        max_linesearch_steps=MAX_LINESEARCH_STEPS, initial_guess_strategy="one"))
     value_and_grad = optax.value_and_grad_from_state(fun)
 
     def cond(carry):
-        _, _, k, grad_norm = carry
-        return (k < maxiter) & (grad_norm > tol)
+        _, _, k, grad_norm, failed = carry
+        return (k < maxiter) & (grad_norm > tol) & ~failed
 
     def body(carry):
-        params, state, k, _ = carry
+        params, state, k, _, _ = carry
         value, grad = value_and_grad(params, state=state)
         updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=fun)
         params = optax.apply_updates(params, updates)
         new_grad = optax.tree_utils.tree_get(state, "grad")
-        return params, state, k + 1, jnp.sqrt(squared_norm(new_grad))
+        info = optax.tree_utils.tree_get(state, "info")
+        failed = (info.decrease_error > 0) | (info.num_linesearch_steps >= MAX_LINESEARCH_STEPS)
+        stalled = failed & ~(optax.tree_utils.tree_get(state, "value") < value)
+        return params, state, k + 1, jnp.sqrt(squared_norm(new_grad)), stalled
 
-    init = (init_params, opt.init(init_params), jnp.asarray(0), jnp.asarray(jnp.inf, _dtype_of(init_params)))
-    params, _, iterations, _ = lax.while_loop(cond, body, init)
+    init = (init_params, opt.init(init_params), jnp.asarray(0), jnp.asarray(jnp.inf, _dtype_of(init_params)),
+            jnp.asarray(False))
+    params, _, iterations, _, failed = lax.while_loop(cond, body, init)
     grad_norm = jnp.sqrt(squared_norm(jax.grad(fun)(params)))
-    return params, InnerInfo(iterations=iterations, grad_norm=grad_norm)
+    return params, InnerInfo(iterations=iterations, grad_norm=grad_norm, failed_linesearch=failed & (grad_norm > tol))
 
 
 def _dtype_of(tree):
