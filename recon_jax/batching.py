@@ -2,14 +2,31 @@
 
 The method is given as two plain functions of ONE initialisation,
 
-    init(x0, hyper) -> state      run(state, hyper, n_steps) -> (state, history)      finish(state, hyper) -> dict
+    init(x0, hyper) -> state      run(state, hyper, n_steps, start) -> (state, history)      finish(state, hyper) -> dict
+
+(``start``: the index of the segment's first step, the same for the whole batch)
 
 and ``run_batched`` applies ``jax.vmap`` at the edge: K initialisations are split into
 chunks of at most ``chunk_size`` (the last chunk is padded by repeating its final element,
 so every chunk reuses one compiled program), and each chunk runs ``segment`` steps at a
 time. After every segment the chunk's state is written atomically to ``checkpoint_dir``
 (as host numpy arrays); a rerun with the same folder continues from there and reuses
-finished chunks, so an interruption loses at most one segment of one chunk.
+finished chunks, so an interruption loses at most one segment of one chunk (two while a
+write is still in flight: see below).
+
+**Checkpoints are written in the background.** After a segment, the state is copied to
+the host (``jax.device_get``, then a copy of any array that shares memory with a device
+buffer), which must happen before the next segment is launched, since ``run`` donates
+(reuses) the state's buffers; the copy then goes to ONE writer thread
+(:class:`CheckpointWriter`) and the next segment starts while it is written. The file is an
+uncompressed ``np.savez`` streamed to a temporary sibling, fsynced and moved into place with
+``os.replace``, so a crash at any moment (``kill -9`` included) leaves the previous complete
+checkpoint or the new complete one, never a partial file that a rerun would load (leftover
+temporary files are removed when the next run starts). At most one write is in flight: the
+next segment's save first waits for the previous write to finish (so one host copy of a
+chunk's state exists at a time and the writes of one file happen in order), and
+``run_batched`` waits for the last write before it returns or re-raises. An error in the
+writer thread is raised in the calling thread at that wait.
 
 **Sharding across local devices.** The batch axis of every chunk is split over the local
 devices (``devices=None``: all of them; an int: the first that many) with ``jax.sharding``:
@@ -37,6 +54,8 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from recon_jax.artifacts import atomic_save_npz, atomic_write_json
+from recon_jax.artifacts import atomic_save_npz_uncompressed, atomic_write_json, temporary_siblings
 from recon_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -132,7 +151,9 @@ def batched_program(init: Callable, run: Callable, finish: Callable, where: Plac
     out = where.batch  # a prefix for every output: all of them are batched along axis 0
     return BatchedProgram(
         init=jax.jit(jax.vmap(init), out_shardings=out),
-        run=jax.jit(jax.vmap(run, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0, out_shardings=out),
+        # ``start`` (the first step's index) is shared by the batch: unbatched, and traced (no recompile per segment).
+        run=jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)), static_argnums=2, donate_argnums=0,
+                    out_shardings=out),
         finish=jax.jit(jax.vmap(finish), out_shardings=out),
         placement=where)
 
@@ -231,11 +252,106 @@ def _pad(tree, size: int):
     return jax.tree_util.tree_map(pad, tree)
 
 
-def _save_chunk(path: Path, state, history: dict, steps_done: int) -> None:
-    leaves = jax.tree_util.tree_leaves(state)
-    arrays = {f"state_{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+def _owned(array) -> np.ndarray:
+    """``array`` as a host numpy array that shares no memory with a device buffer.
+
+    On the CPU backend ``np.asarray`` of a jax array is a zero-copy view of the device
+    buffer; a writer thread holding such a view would keep XLA from reusing (donating) it,
+    so the next segment would silently copy its input, and any in-place reuse would change
+    the bytes being written. A copy costs one memcpy on the host.
+    """
+    array = np.asarray(array)
+    return array if array.base is None and array.flags.owndata else array.copy()
+
+
+def _chunk_arrays(state, history: dict, steps_done: int) -> dict[str, np.ndarray]:
+    """The checkpoint's contents as host arrays (``jax.device_get`` starts every leaf's
+    device-to-host transfer before waiting on any)."""
+    leaves = [_owned(leaf) for leaf in jax.device_get(jax.tree_util.tree_leaves(state))]
+    arrays = {f"state_{i:04d}": leaf for i, leaf in enumerate(leaves)}
     arrays.update({f"history_{k}": np.asarray(v) for k, v in history.items()})
-    atomic_save_npz(path, steps_done=np.asarray(steps_done), **arrays)
+    arrays["steps_done"] = np.asarray(steps_done)
+    return arrays
+
+
+def _write_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write one chunk checkpoint: uncompressed, atomically (tmp + fsync + os.replace)."""
+    atomic_save_npz_uncompressed(path, arrays)
+
+
+class CheckpointWriter:
+    """A single background thread that writes chunk checkpoints, at most one in flight.
+
+    ``submit(path, arrays)`` hands host arrays to the thread and returns at once; ``wait()``
+    blocks until the write in flight (if any) has finished and re-raises, in the calling
+    thread, an exception it raised; ``close()`` waits and stops the thread. ``submit`` waits
+    first, so writes happen one at a time and in order (a queue of depth 1).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: tuple[BaseException, Path] | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        self.wait()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="recon_jax-checkpoint-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((Path(path), arrays))
+
+    def wait(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            error, path = self._error
+            self._error = None
+            error.add_note(f"(raised while writing the checkpoint {path} in the background)")
+            raise error
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for the write in flight and stop the thread. With ``raise_errors=False`` (the
+        caller is already propagating an exception) a write error is logged, not raised."""
+        try:
+            if raise_errors:
+                self.wait()
+            else:
+                self._queue.join()
+                if self._error is not None:
+                    log.error("writing the checkpoint %s failed: %r", self._error[1], self._error[0])
+                    self._error = None
+        finally:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+                self._thread = None
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                path, arrays = item
+                del item
+                try:
+                    _write_chunk(path, arrays)
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread by wait()
+                    self._error = (err, path)
+                del arrays  # drop the host copy before the next segment's is taken
+            finally:
+                self._queue.task_done()
+
+
+def _save_chunk(path: Path, state, history: dict, steps_done: int, *,
+                writer: CheckpointWriter | None = None) -> None:
+    """Checkpoint a chunk: copy its state to the host now (before the next segment donates
+    its buffers), then write it, in the background if ``writer`` is given (after the
+    previous background write has finished), else before returning."""
+    if writer is None:
+        _write_chunk(path, _chunk_arrays(state, history, steps_done))
+        return
+    writer.wait()  # one host copy at a time; writes of one file in order
+    writer.submit(path, _chunk_arrays(state, history, steps_done))
 
 
 def _load_chunk(path: Path, template):
@@ -297,11 +413,31 @@ def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, s
     chunk_size = _resume_chunk_size(checkpoint_dir, n_inits, chunk_size, where)
     if checkpoint_dir is not None:
         atomic_write_json(checkpoint_dir / LAYOUT_FILE, {"n_inits": n_inits, "chunk_size": chunk_size})
+        for leftover in temporary_siblings(checkpoint_dir / "chunk_*.npz"):  # from a write a crash cut short
+            leftover.unlink(missing_ok=True)
     segment = max(1, min(int(segment or steps), steps)) if steps else 1
     program = batched_program(init, run, finish, where)
     n_chunks = math.ceil(n_inits / chunk_size)
     log.info("%d initialisations in %d chunk(s) of %d, sharded over %d %s device(s)", n_inits, n_chunks, chunk_size,
              where.n_devices, where.devices[0].platform)
+    writer = CheckpointWriter() if checkpoint_dir is not None else None
+    try:
+        states, histories, finals = _run_chunks(program, x0, hyper, where, n_inits, n_chunks, chunk_size, steps,
+                                                segment, checkpoint_dir, progress, writer)
+    except BaseException:
+        if writer is not None:
+            writer.close(raise_errors=False)  # the last checkpoint is complete on disk before we re-raise
+        raise
+    if writer is not None:
+        writer.close()
+    cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
+    history = {k: np.concatenate([h[k] for h in histories]) for k in histories[0]}
+    return cat(states), history, cat(finals)
+
+
+def _run_chunks(program: BatchedProgram, x0, hyper, where: Placement, n_inits: int, n_chunks: int, chunk_size: int,
+                steps: int, segment: int, checkpoint_dir: Path | None, progress, writer: CheckpointWriter | None):
+    """run_batched's loop over chunks and segments: per chunk, (states, history, final) on the host."""
     states, histories, finals = [], [], []
     total = n_chunks * steps
     for c in range(n_chunks):
@@ -319,12 +455,12 @@ def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, s
             log.info("chunk %d: resuming after %d of %d steps", c, done, steps)
         while done < steps:
             n = min(segment, steps - done)
-            state, record = program.run(state, hyper_c, n)
+            state, record = program.run(state, hyper_c, n, done)
             record = {k: np.asarray(v) for k, v in record.items()}
             history = {k: np.concatenate([history[k], v], axis=1) if k in history else v for k, v in record.items()}
             done += n
             if path is not None:
-                _save_chunk(path, state, history, done)
+                _save_chunk(path, state, history, done, writer=writer)
             if progress is not None:
                 progress(c * steps + done, total)
         final = {k: np.asarray(v) for k, v in program.finish(state, hyper_c).items()}
@@ -332,6 +468,4 @@ def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, s
         states.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[keep], state))
         histories.append({k: v[keep] for k, v in history.items()})
         finals.append({k: v[keep] for k, v in final.items()})
-    cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
-    history = {k: np.concatenate([h[k] for h in histories]) for k in histories[0]}
-    return cat(states), history, cat(finals)
+    return states, histories, finals

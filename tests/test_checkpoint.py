@@ -125,3 +125,153 @@ def test_rerun_reuses_identical_victim_and_refuses_a_different_one(victim_dir):
     assert isinstance(saved, dict) and saved["stationary"]
     with pytest.raises(ConfigError, match="already holds a different victim.*--overwrite"):
         train_and_save(VictimSpec(n_per_class=4, hidden=(16,)), victim_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# run_batched's chunk checkpoints: written in the background, atomically
+# ---------------------------------------------------------------------------------------
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from recon_jax import batching
+
+TOY = textwrap.dedent('''
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+
+    def toy():
+        """A method whose state changes every step (x <- x*h + 1), with a per-step record."""
+        def run(state, h, n, start=0):
+            def body(c, _):
+                return {"x": c["x"] * h + 1.0, "k": c["k"] + 1}, {"sum": c["x"].sum()}
+            return jax.lax.scan(body, state, None, length=n)
+        return (lambda x, h: {"x": x, "k": jnp.zeros((), jnp.int32)}, run, lambda s, h: {"total": s["x"].sum()})
+
+    X0 = jnp.arange(5 * 3000, dtype=jnp.float64).reshape(5, 3000) / 1000.0
+    HYPER = jnp.linspace(0.5, 0.9, 5, dtype=jnp.float64)
+''')
+_toy_namespace: dict = {}
+exec(TOY, _toy_namespace)
+
+
+def _toy_run(**kw):
+    init, run, finish = _toy_namespace["toy"]()
+    return batching.run_batched(init, run, finish, _toy_namespace["X0"], _toy_namespace["HYPER"], steps=6,
+                                chunk_size=2, segment=2, **kw)
+
+
+def _assert_same(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _writer_threads():
+    return [t for t in threading.enumerate() if t.name == "recon_jax-checkpoint-writer"]
+
+
+def test_slow_background_writer_gives_identical_results_and_resumes_exactly(tmp_path, monkeypatch):
+    reference = _toy_run()
+    write = batching._write_chunk
+    written = []
+
+    def slow_write(path, arrays):
+        time.sleep(0.2)  # slower than a segment: the next segment runs while this one is written
+        written.append((path.name, int(arrays["steps_done"]), threading.current_thread().name))
+        write(path, arrays)
+
+    monkeypatch.setattr(batching, "_write_chunk", slow_write)
+    _assert_same(_toy_run(checkpoint_dir=tmp_path / "full"), reference)
+    assert [(name, steps) for name, steps, _ in written] == [(f"chunk_{c:04d}.npz", s) for c in range(3)
+                                                             for s in (2, 4, 6)]
+    assert {thread for _, _, thread in written} == {"recon_jax-checkpoint-writer"}
+    assert not _writer_threads()  # joined before run_batched returned
+    with np.load(tmp_path / "full" / "chunk_0002.npz", allow_pickle=False) as f:  # the last write is complete
+        assert int(f["steps_done"]) == 6 and f["history_sum"].shape == (2, 6)
+        assert f.zip.getinfo("state_0000.npy").compress_type == 0  # np.savez: stored, not deflated
+
+    # Interrupted after chunk 1's first segment: that segment's write (in flight when the
+    # interrupt is raised) is on disk before run_batched re-raises, and resuming is exact.
+    def interrupt(done, total):
+        if done == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _toy_run(checkpoint_dir=tmp_path / "cut", progress=interrupt)
+    assert not _writer_threads()
+    with np.load(tmp_path / "cut" / "chunk_0001.npz", allow_pickle=False) as f:
+        assert int(f["steps_done"]) == 2
+    calls = []
+    _assert_same(_toy_run(checkpoint_dir=tmp_path / "cut", progress=lambda done, total: calls.append(done)),
+                 reference)
+    assert calls == [10, 12, 14, 16, 18]  # chunk 0 reused; chunk 1 continued from step 2
+
+
+@pytest.mark.parametrize("failing_write", [2, 9])  # mid-run (raised at the next save), the last (raised at the end)
+def test_a_background_write_error_is_raised_in_the_caller(tmp_path, monkeypatch, failing_write):
+    write, calls = batching._write_chunk, []
+
+    def failing(path, arrays):
+        calls.append(path)
+        if len(calls) == failing_write:
+            raise OSError(28, "No space left on device")
+        write(path, arrays)
+
+    monkeypatch.setattr(batching, "_write_chunk", failing)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        _toy_run(checkpoint_dir=tmp_path)
+    assert any("in the background" in note for note in getattr(err.value, "__notes__", []))
+    assert len(calls) == failing_write  # the next save raises it, before another write starts
+    assert not _writer_threads()
+
+
+KILLED_WRITER = TOY + textwrap.dedent('''
+    import sys, time
+    from recon_jax import artifacts, batching
+
+    writes = []
+
+    def stalling(path, arrays):
+        """Complete the first two writes; write half of the third, then stall (to be killed)."""
+        writes.append(path)
+        def write(f):
+            if len(writes) < 3:
+                return __import__("numpy").savez(f, **arrays)
+            import io, numpy
+            buffer = io.BytesIO()
+            numpy.savez(buffer, **arrays)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            print("HALF-WRITTEN", flush=True)
+            time.sleep(600)
+        artifacts.atomic_write_stream(path, write)
+
+    batching.atomic_save_npz_uncompressed = stalling
+    init, run, finish = toy()
+    batching.run_batched(init, run, finish, X0, HYPER, steps=6, chunk_size=2, segment=2, checkpoint_dir=sys.argv[1])
+''')
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_complete_file(tmp_path):
+    script, chunks = tmp_path / "killed_writer.py", tmp_path / "chunks"
+    script.write_text(KILLED_WRITER)
+    process = subprocess.Popen([sys.executable, str(script), str(chunks)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert process.stdout.readline().strip() == "HALF-WRITTEN"
+    finally:
+        process.kill()  # SIGKILL, mid-write
+        process.wait()
+    partial = list(chunks.glob(".chunk_0000.npz.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # the cut-short write, under a name no one loads
+    with np.load(chunks / "chunk_0000.npz", allow_pickle=False) as f:  # the previous write, whole
+        assert int(f["steps_done"]) == 4 and f["state_0001"].shape == (2, 3000)  # leaves: k, x
+    calls = []
+    _assert_same(_toy_run(checkpoint_dir=chunks, progress=lambda done, total: calls.append(done)), _toy_run())
+    assert calls[0] == 6  # resumed chunk 0 after step 4
+    assert not list(chunks.glob(".*.tmp"))  # the leftover was removed
