@@ -3,7 +3,7 @@
     evaluate_run(run_dir) -> summary dict; writes run_dir/evaluation.json and evaluation.npz
 
 It pools the candidates of all runs (or ``pooled.npz``), and reports, against both pools,
-good counts (SSIM > 0.4 after NCC nearest-neighbour search, BRIEF §4), Hungarian one-to-one
+good counts (SSIM > 0.4 after NCC nearest-neighbour search, Haim et al. 2022), Hungarian one-to-one
 figures, and the membership statistics of ``recon_jax.metrics``: a training image that is
 "recovered" no better than held-out images of the same classes is no evidence of membership.
 Per run, it also reports the good counts and the reference's extraction score (the mean
@@ -11,7 +11,10 @@ DSSIM of the 10 best-matched training images; lower is better). ``pool_by_score=
 the runs by that score, writes the best P runs' candidates to ``pooled_by_score.npz`` and
 judges that pool too, as the reference pools its sweeps. The score reads the training set:
 it is an oracle an attacker does not have (``recon-jax sweep`` ranks by final loss instead),
-which is why the pool is judged against the held-out pool as well. This is the only place,
+which is why the pool is judged against the held-out pool as well. Every SSIM, PSNR and
+good count is of the candidates under the protocol's mapping to [0,1]
+(``metrics.PROTOCOL_MAPPING``, "minmax": training mean added back, each image min-max
+scaled; recorded as ``image_mapping`` in evaluation.json). This is the only place,
 with ``recon_jax.reconstruct``'s oracle initialisations, that reads the victim's ground truth.
 """
 
@@ -27,7 +30,7 @@ from recon_jax.artifacts import atomic_save_npz, atomic_write_json, read_json
 from recon_jax.checkpoint import load_ground_truth
 from recon_jax.errors import ConfigError
 
-SUMMARY_KEYS = ("n_reconstructions", "n_train", "n_heldout", "good_threshold",
+SUMMARY_KEYS = ("n_reconstructions", "n_train", "n_heldout", "good_threshold", "image_mapping",
                 "train_good_count", "heldout_good_count", "train_mean_ssim", "heldout_mean_ssim",
                 "train_hungarian_good_count", "heldout_hungarian_good_count",
                 "membership_auc_distance", "membership_auc_nearest_ssim", "membership_auc_best_ssim",
@@ -65,7 +68,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, victim_dir: str | os.PathLike | 
     run_index = np.flatnonzero(~diverged) if not pooled else None
     if not pooled and diverged.any():
         centered = centered[~diverged]  # a diverged run's candidates are frozen garbage, not evidence
-    options = dict(good_threshold=good_threshold, downsample=not plain_l2, standardise=not plain_l2)
+    options = dict(good_threshold=good_threshold, downsample=not plain_l2, standardise=not plain_l2,
+                   mapping=metrics.PROTOCOL_MAPPING)
     result = metrics.evaluate_reconstructions(centered, truth["train_images"], truth["heldout_images"], truth["mean"],
                                               best_ssim=best_ssim, **options)
     summary = {k: result[k] for k in SUMMARY_KEYS if k in result}

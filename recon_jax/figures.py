@@ -97,7 +97,8 @@ def _check_image_columns(columns: Mapping[str, np.ndarray]) -> dict[str, np.ndar
         lo, hi = float(images.min()), float(images.max())
         if lo < -IMAGE_TOLERANCE or hi > 1 + IMAGE_TOLERANCE:
             raise ConfigError(f"column {name!r} has pixel values in [{lo:.4g}, {hi:.4g}], outside [0, 1]; map "
-                              "mean-subtracted images with recon_jax.reconstruct.to_unit (or clip) first")
+                              "mean-subtracted images with recon_jax.metrics.to_unit(centered, mean, mapping) "
+                              "first (mapping 'minmax' or 'clip')")
         checked[name] = np.clip(images, 0.0, 1.0)
     return checked
 

@@ -1,4 +1,4 @@
-"""How reconstructions are judged: the reference protocol (BRIEF §4) plus membership ambiguity.
+"""How reconstructions are judged: the reference protocol (Haim et al. 2022) plus membership ambiguity.
 
 The reference protocol of Haim et al. (2022), as their evaluation code runs it:
 
@@ -7,7 +7,7 @@ The reference protocol of Haim et al. (2022), as their evaluation code runs it:
    L2 distance (:func:`ncc_distances`, :func:`nearest`). Both sides are mean-subtracted
    arrays, as the attack sees them.
 2. Add the training mean back to the reconstruction and min-max scale it to [0, 1]
-   (:func:`to_unit_range`).
+   (:func:`to_unit` with ``mapping="minmax"``, the :data:`PROTOCOL_MAPPING`).
 3. SSIM with kornia's 3×3 Gaussian window, averaged over pixels and channels (:func:`ssim`);
    DSSIM = (1 − SSIM)/2 (:func:`dssim`).
 4. Count reconstructions with SSIM > 0.4 as "good"; plot per-image SSIM sorted.
@@ -20,7 +20,14 @@ no evidence of membership. :func:`evaluate_reconstructions` computes everything 
 pools, and :func:`membership_auc` / :func:`nearest_is_train_rate` reduce it to numbers where
 0.5 / the chance rate mean "no evidence".
 
-Two kinds of function live here. Per-pair image metrics (:func:`to_unit_range`, :func:`ssim`,
+**Mapping to [0, 1].** Every place in the package that maps mean-subtracted images to
+[0, 1] calls :func:`to_unit` with one of two named mappings (:data:`IMAGE_MAPPINGS`):
+``"minmax"`` (add the mean, min-max scale each image: the protocol's, step 2) and
+``"clip"`` (add the mean, clip to [0, 1]: leaves an image that is already in [0, 1], such
+as a training image, unchanged). The protocol's figures (SSIM, PSNR, good counts) use
+``"minmax"``; which mapping every other figure uses is stated where it is reported.
+
+Two kinds of function live here. Per-pair image metrics (:func:`to_unit`, :func:`ssim`,
 :func:`psnr`, :func:`mse`, :func:`parameter_mismatch`) are jax functions: they broadcast over
 leading axes, and jit, vmap and run on an accelerator. Set-level statistics (distance
 matrices, matching, AUC, clustering) are host-side numpy/scipy in float64, since they end in
@@ -58,28 +65,60 @@ _IMAGE_AXES = (-3, -2, -1)
 # ---------------------------------------------------------------------------------------
 
 
-def to_unit_range(centered: ArrayLike, mean: ArrayLike | None) -> jax.Array:
-    """Add the dataset mean back, then min-max scale each image to [0, 1] (BRIEF §4 step 2).
+IMAGE_MAPPINGS = {
+    "minmax": "add the training mean, then min-max scale each image to [0,1] (the evaluation protocol of "
+              "Haim et al. 2022 and Buzaglo et al. 2023)",
+    "clip": "add the training mean, then clip to [0,1]",
+}
+"""The two ways :func:`to_unit` maps mean-subtracted images to [0, 1], by name."""
 
-        u = (x + μ − min(x + μ)) / (max(x + μ) − min(x + μ))
+PROTOCOL_MAPPING = "minmax"
+"""The mapping under which the protocol scores reconstructions (SSIM, PSNR, MSE, good counts)."""
 
-    with min and max over each image's pixels and channels together (one affine map per
-    image, as Haim et al.'s ``transform_vmin_vmax_batch``). A constant image, whose range is
-    0, maps to all zeros instead of 0/0.
+
+def check_mapping(mapping: str) -> str:
+    """``mapping`` if it names one of :data:`IMAGE_MAPPINGS`, else ConfigError."""
+    if mapping not in IMAGE_MAPPINGS:
+        raise ConfigError(f"unknown image mapping {mapping!r}; choose one of {', '.join(IMAGE_MAPPINGS)}")
+    return mapping
+
+
+def to_unit(centered: ArrayLike, mean: ArrayLike | None, mapping: str) -> jax.Array:
+    """Map mean-subtracted images to [0, 1]: the one implementation of both mappings.
+
+    With v = x + μ (the training mean added back):
+
+    - ``"minmax"`` (:data:`PROTOCOL_MAPPING`): u = (v − min v) / (max v − min v), with min
+      and max over each image's pixels and channels together (one affine map per image, as
+      Haim et al.'s ``transform_vmin_vmax_batch``). A constant image, whose range is 0, maps
+      to all zeros instead of 0/0. Invariant to a per-image affine map of v (a > 0), so it
+      scores shape, not brightness or contrast, and it changes an image in [0, 1] that does
+      not reach both 0 and 1.
+    - ``"clip"``: u = min(max(v, 0), 1). An image already in [0, 1] is unchanged; values
+      outside are cut off.
 
     Args:
       centered: mean-subtracted images ``(..., n, h, w, c)``, e.g. ``(K, n, h, w, c)``.
       mean: the training mean ``(1, h, w, c)`` (or anything broadcastable), or None for 0.
+      mapping: ``"minmax"`` or ``"clip"`` (:data:`IMAGE_MAPPINGS`).
 
     Returns:
-      ``(..., n, h, w, c)`` in [0, 1].
+      ``(..., n, h, w, c)`` in [0, 1], in the dtype of ``centered`` (float32 without x64).
     """
+    check_mapping(mapping)
     images = jnp.asarray(centered)
     if mean is not None:
         images = images + jnp.asarray(mean, dtype=images.dtype)
+    if mapping == "clip":
+        return jnp.clip(images, 0, 1)
     low = jnp.min(images, axis=_IMAGE_AXES, keepdims=True)
     span = jnp.max(images, axis=_IMAGE_AXES, keepdims=True) - low
     return (images - low) / jnp.where(span > 0, span, 1)
+
+
+def to_unit_range(centered: ArrayLike, mean: ArrayLike | None) -> jax.Array:
+    """The protocol's mapping: ``to_unit(centered, mean, "minmax")`` (kept for callers by this name)."""
+    return to_unit(centered, mean, PROTOCOL_MAPPING)
 
 
 def mse(a: ArrayLike, b: ArrayLike) -> jax.Array:
@@ -338,7 +377,7 @@ def ncc_distances(
     downsample: bool = True,
     standardise: bool = True,
 ) -> NDArray[np.float64]:
-    """Pairwise normalised-cross-correlation distances (BRIEF §4 step 1).
+    """Pairwise normalised-cross-correlation distances (the protocol's step 1, Haim et al. 2022).
 
         d(q, r) = (1/D) ‖z(P q) − z(P r)‖²
 
@@ -572,12 +611,14 @@ def evaluate_reconstructions(
     standardise: bool = True,
     window: int = 3,
     best_ssim: bool = True,
+    mapping: str = PROTOCOL_MAPPING,
 ) -> dict[str, Any]:
     """The reference protocol against the training set AND the held-out pool, plus membership.
 
     For each pool P ∈ {train, heldout} (prefix ``"{P}_"``), with D = :func:`ncc_distances`
     between the reconstructions and P − mean (both in the attack's mean-subtracted space),
-    and u = :func:`to_unit_range` of the reconstructions:
+    and u = :func:`to_unit` of the reconstructions under ``mapping`` (the protocol's
+    ``"minmax"`` unless asked otherwise; returned as ``image_mapping``):
 
     - ``nearest_reconstruction`` (n_P,): k*(p) = argmin_k D[k, p]; ``nearest_distance`` (n_P,).
     - ``ssim``, ``dssim``, ``psnr``, ``mse`` (n_P,): of the pair (u[k*(p)], P[p]).
@@ -601,7 +642,7 @@ def evaluate_reconstructions(
       where a near-blank candidate scores SSIM > 0.4 against most digits (3×3 SSIM of flat
       black backgrounds), this count, not ``train_good_count``, is the evidence of recovery.
 
-    Also ``n_reconstructions``, ``n_train``, ``n_heldout``, ``good_threshold``. Arrays are
+    Also ``n_reconstructions``, ``n_train``, ``n_heldout``, ``good_threshold``, ``image_mapping``. Arrays are
     numpy, scalars Python numbers, so the dict saves directly to ``.npz`` / ``.json``.
 
     Args:
@@ -614,10 +655,12 @@ def evaluate_reconstructions(
       window: SSIM window (3).
       best_ssim: also compute SSIM of every reconstruction with every image (m·(n_t + n_h)
         SSIMs; cheap on an accelerator, the slowest part on a CPU).
+      mapping: how reconstructions are mapped to [0, 1] before SSIM, PSNR and MSE
+        (:func:`to_unit`); the protocol's is ``"minmax"``.
     """
     centered = _pool_reconstructions(reconstructions)
     mean_array = np.zeros((1, *centered.shape[1:])) if mean is None else np.asarray(mean, np.float64)
-    unit = np.asarray(to_unit_range(centered, mean_array))
+    unit = np.asarray(to_unit(centered, mean_array, mapping))
     features = _features(centered, downsample, standardise)
     pools = {"train": np.asarray(train_images, np.float64), "heldout": np.asarray(heldout_images, np.float64)}
     out: dict[str, Any] = {
@@ -625,6 +668,7 @@ def evaluate_reconstructions(
         "n_train": len(pools["train"]),
         "n_heldout": len(pools["heldout"]),
         "good_threshold": float(good_threshold),
+        "image_mapping": mapping,
     }
     distances = {}
     for name, images in pools.items():

@@ -5,7 +5,8 @@
 Figures (``out_dir/figures``), drawn by ``recon_jax.figures``:
 
 - ``own_ssim_vs_init_distance.png``: SSIM of each reconstruction to the training image its
-  slot was paired with, against the distance of the initialisation from that image (C1, C3);
+  slot was paired with (under the protocol's "minmax" mapping, as the good counts), against
+  the distance of the initialisation from that image ("clip" mapping) (C1, C3);
 - ``nn_ssim_vs_init_distance.png``: the protocol's mean SSIM of the nearest reconstruction,
   for training images (solid) and held-out images (dashed): "looks like a training image"
   against "is one" (C2);
@@ -13,8 +14,10 @@ Figures (``out_dir/figures``), drawn by ``recon_jax.figures``:
   0.5 marked (C2);
 - ``sorted_ssim_<victim>_<method>.png``: per init, the sorted per-image SSIM curves against
   training and held-out images;
-- ``grid_<cell>.png``: ground truth | init | reconstruction | nearest training | nearest
-  held-out, for the best run of each cell;
+- ``grid_<cell>.png``: ground truth | init | reconstruction as scored ("minmax") |
+  reconstruction ("clip") | nearest training | nearest held-out, for the best run of each
+  cell; init and reconstructions mapped to [0,1] by ``metrics.to_unit`` from the run's
+  mean-subtracted arrays, the column titles naming the mapping;
 - ``slice1d_<victim>_<method>.png`` and ``slice2d_<cell>.png``: objective slices (C4).
 """
 
@@ -29,6 +32,9 @@ from recon_jax import figures, metrics
 from recon_jax.artifacts import atomic_write_bytes, read_json
 from recon_jax.initialisation import truth_for_slots
 from recon_jax.reconstruct import sorted_ground_truth
+from recon_jax.study import DISTANCE_MAPPING
+
+SSIM_MAPPING = metrics.PROTOCOL_MAPPING  # of every SSIM, good count and the scored grid column
 
 GRID_ROWS = 8
 
@@ -46,16 +52,21 @@ def _grid(out: Path, result: dict, path: Path, truth: dict) -> None:
     run = read_json(cell_dir / "run" / "run.json")
     best = next((r for r in run["ranking"] if not run["diverged"][r]), run["ranking"][0])
     with np.load(cell_dir / "run" / "reconstructions.npz", allow_pickle=False) as f:
-        images, init, centered, labels = f["images"][best], f["init_images"][best], f["centered"][best], f["labels"]
+        centered, init_centered, labels = f["centered"][best], f["init_centered"][best], f["labels"]
     rows = np.arange(min(GRID_ROWS, len(labels)))
     mean = truth["mean"]
+    unit = lambda images, mapping: np.asarray(metrics.to_unit(np.asarray(images[rows], np.float64),
+                                                              np.asarray(mean, np.float64), mapping))
     nearest = {}
     for pool in ("train", "heldout"):
         pool_images = truth[f"{pool}_images"]
         d = metrics.ncc_distances(centered[rows], pool_images - mean)
         nearest[pool] = pool_images[np.argmin(d, axis=1)]
     paired = truth_for_slots(labels, truth["train_images"], truth["train_labels"])[rows]
-    figures.image_grid(path, {"ground truth (paired)": paired, "init": init[rows], "reconstruction": images[rows],
+    figures.image_grid(path, {"ground truth (paired)": paired,
+                              f"init\n({SSIM_MAPPING})": unit(init_centered, SSIM_MAPPING),
+                              f"reconstruction\n({SSIM_MAPPING}, scored)": unit(centered, SSIM_MAPPING),
+                              "reconstruction\n(clip)": unit(centered, "clip"),
                               "nearest training": nearest["train"], "nearest held-out": nearest["heldout"]},
                        title=f"{result['victim']} / {result['method']} / init {result['init']} (best run)")
 
@@ -70,7 +81,8 @@ def _sorted(out: Path, results: list[dict], path: Path, title: str) -> None:
             curves[f"{r['init']} train"] = f["train_ssim_sorted"]
             curves[f"{r['init']} held-out"] = f["heldout_ssim_sorted"]
     if curves:
-        figures.sorted_curves(path, curves, ylabel="SSIM of nearest reconstruction", threshold=metrics.GOOD_SSIM,
+        figures.sorted_curves(path, curves, ylabel=f"SSIM of nearest reconstruction [{SSIM_MAPPING}]",
+                              threshold=metrics.GOOD_SSIM,
                               title=title, dashed=[k for k in curves if k.endswith("held-out")])
 
 
@@ -113,12 +125,13 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+_S, _D = f" [{SSIM_MAPPING}]", f" [{DISTANCE_MAPPING}]"  # the mapping to [0,1] behind a column
 TABLE = (("victim", "victim"), ("method", "method"), ("init", "init"), ("seed", "seed"),
-         ("init dist", "init_distance"), ("own SSIM", "own_ssim"),
-         ("train good", "train_good_count"), ("held-out good", "heldout_good_count"),
-         ("train > best held-out", "train_above_heldout_count"),
-         ("train SSIM", "train_mean_ssim"), ("held-out SSIM", "heldout_mean_ssim"),
-         ("AUC dist", "membership_auc_distance"), ("AUC best-SSIM", "membership_auc_best_ssim"),
+         ("init dist" + _D, "init_distance"), ("own SSIM" + _S, "own_ssim"), ("own SSIM [clip]", "own_ssim_clip"),
+         ("train good" + _S, "train_good_count"), ("held-out good" + _S, "heldout_good_count"),
+         ("train > best held-out" + _S, "train_above_heldout_count"),
+         ("train SSIM" + _S, "train_mean_ssim"), ("held-out SSIM" + _S, "heldout_mean_ssim"),
+         ("AUC dist", "membership_auc_distance"), ("AUC best-SSIM" + _S, "membership_auc_best_ssim"),
          ("NN is train (chance)", None), ("final loss (median)", "final_loss_median"),
          ("distinct minima", None))
 
@@ -148,16 +161,18 @@ def write_report(config, out_dir: str | os.PathLike, results: list[dict]) -> Pat
     distance = _values(results, "init_distance")
     embedded = []
     figures.scatter(fig_dir / "own_ssim_vs_init_distance.png", distance, _values(results, "own_ssim"), groups,
-                    xlabel="init distance to paired training image (RMS, [0,1] pixels)",
-                    ylabel="median SSIM(reconstruction, paired training image)", hline=metrics.GOOD_SSIM,
+                    xlabel=f"init distance to paired training image (RMS, [0,1] pixels, {DISTANCE_MAPPING})",
+                    ylabel=f"median SSIM(reconstruction [{SSIM_MAPPING}], paired image)", hline=metrics.GOOD_SSIM,
                     title="Quality against initialisation distance")
     nn_groups = np.concatenate([np.char.add(groups, " · train"), np.char.add(groups, " · held-out")])
     figures.scatter(fig_dir / "nn_ssim_vs_init_distance.png", np.concatenate([distance, distance]),
                     np.concatenate([_values(results, "train_mean_ssim"), _values(results, "heldout_mean_ssim")]),
-                    nn_groups, xlabel="init distance (RMS)", ylabel="mean SSIM of nearest reconstruction",
+                    nn_groups, xlabel=f"init distance (RMS, {DISTANCE_MAPPING})",
+                    ylabel=f"mean SSIM of nearest reconstruction [{SSIM_MAPPING}]",
                     title="Nearest-reconstruction SSIM: training vs held-out images")
     figures.scatter(fig_dir / "auc_vs_init_distance.png", distance, _values(results, "membership_auc_distance"),
-                    groups, xlabel="init distance (RMS)", ylabel="membership AUC (distance)", hline=0.5,
+                    groups, xlabel=f"init distance (RMS, {DISTANCE_MAPPING})", ylabel="membership AUC (distance)",
+                    hline=0.5,
                     title="Membership AUC (0.5 = no evidence)")
     embedded += ["own_ssim_vs_init_distance.png", "nn_ssim_vs_init_distance.png", "auc_vs_init_distance.png"]
     slices = []
@@ -190,9 +205,17 @@ def write_report(config, out_dir: str | os.PathLike, results: list[dict]) -> Pat
                      f"{spec.train.weight_decay:g} | {_fmt(report.get('stationary'))} (‖∇L‖ "
                      f"{_fmt(report.get('grad_norm'))}) | {_fmt(report.get('n_params'))} |")
     lines += ["", "## Results", "", table(results), "",
+              f"Brackets name how a column maps mean-subtracted images to [0,1] before it measures them "
+              f"(`recon_jax.metrics.to_unit`): *{SSIM_MAPPING}* adds the training mean back and min-max scales each "
+              f"image, as the evaluation protocol of Haim et al. (2022) and Buzaglo et al. (2023) does; *clip* adds the "
+              f"mean back and clips to [0,1], leaving an image already in [0,1] unchanged. Every SSIM column and good "
+              f"count is under {SSIM_MAPPING}, so *own SSIM* and *train good* judge the same images; *own SSIM [clip]* "
+              f"shows what min-max scaling changes (on MNIST it turns a faint ripple on the black background grey, "
+              f"and 3×3 SSIM collapses).",
+              "",
               "*init dist*: median RMS distance ([0,1] pixels) of the initial image to the training image its slot "
               "is paired with; *own SSIM*: median SSIM of the reconstruction to that image. *train/held-out good*: "
-              "training / held-out images whose nearest reconstruction (NCC) has SSIM > 0.4 (BRIEF §4), "
+              "training / held-out images whose nearest reconstruction (NCC) has SSIM > 0.4 (Haim et al. 2022), "
               "*train/held-out SSIM* their mean. *AUC*: membership AUC of training vs held-out images by "
               "their distance (or best SSIM) to the nearest reconstruction; 0.5 = the reconstructions carry no "
               "evidence of membership. *NN is train*: rate at which a reconstruction's nearest image is a "

@@ -13,7 +13,9 @@ Layout of ``out_dir``::
                                  with cell.json is finished and a rerun skips it
     results.json                 every cell's figures and timings, and the config
     summary.csv                  one row per cell, every metric (no timings: two runs of the
-                                 same config give the same file)
+                                 same config give the same file); the columns are described
+                                 below, and ssim_mapping / distance_mapping name the mapping
+                                 to [0,1] of the SSIM and the distance columns
     figures/*.png, report.md     tables and figures (``recon_jax.figures``)
 
 A ``kill -9`` at any moment loses at most the steps since the last checkpoint of the cell in
@@ -24,12 +26,23 @@ training-set/held-out protocol of ``recon_jax.evaluation`` (good counts, SSIM, m
 AUC, nearest-is-train rate), the study reports what relates the result to the
 initialisation. With ``t_j`` the training image that slot j was paired with (the oracle
 pairing of ``recon_jax.initialisation``: slots sorted by class, cycling through the class's
-training images), x₀ the initial and x the final images, all mapped to [0,1]:
+training images), x₀ the initial and x the final images, mapped to [0,1] by
+``metrics.to_unit`` under the mapping each column names:
 
-- ``init_distance``: median over runs and slots of RMS(x₀_j − t_j) (pixel units);
-- ``init_own_ssim`` / ``own_ssim``: median SSIM(x₀_j, t_j) / SSIM(x_j, t_j);
-- ``own_good_rate``: fraction of (run, slot) with SSIM(x_j, t_j) > 0.4;
-- ``moved``: median RMS(x_j − x₀_j);
+- ``init_own_ssim`` / ``own_ssim``: median SSIM(x₀_j, t_j) / SSIM(x_j, t_j), and
+  ``own_good_rate``: fraction of (run, slot) with SSIM(x_j, t_j) > 0.4, all under
+  ``ssim_mapping`` = the protocol's "minmax" (mean added back, each image min-max scaled;
+  Haim et al. 2022), the mapping under which ``train_good_count``, ``train_mean_ssim`` and
+  every other SSIM column are scored, so the own figures and the good counts judge the same
+  images;
+- ``own_ssim_clip``: the same median SSIM under "clip" (mean added back, clipped to [0,1]).
+  The two differ where min-max scaling changes an image: on MNIST a faint negative ripple on
+  the black background becomes grey and 3×3 SSIM collapses, so a reconstruction can match
+  its training image under "clip" and score low under "minmax";
+- ``init_distance``: median over runs and slots of RMS(x₀_j − t_j), and ``moved``: median
+  RMS(x_j − x₀_j), both in [0,1] pixel units under ``distance_mapping`` = "clip", which
+  leaves an image in [0,1] (the truth itself) unchanged; under "minmax" a training image
+  that does not span [0,1] would be at a nonzero distance from itself;
 - ``distinct_minima``: ``recon_jax.metrics.distinct_minima`` among the runs whose final
   loss is within ``atol + rtol·best`` of the best;
 - landscape (if computed): the objective at the reconstruction (t=0) and the ground truth
@@ -67,13 +80,15 @@ ID_COLUMNS = ("cell", "victim", "method", "init", "init_kind", "init_value", "se
 METRIC_COLUMNS = (
     "n_runs", "n_images", "victim_stationary", "victim_n_params", "diverged_runs",
     "final_loss_name", "final_loss_min", "final_loss_median", "param_mismatch_median",
-    "init_distance", "init_own_ssim", "own_ssim", "own_good_rate", "moved",
+    "ssim_mapping", "distance_mapping",
+    "init_distance", "init_own_ssim", "own_ssim", "own_ssim_clip", "own_good_rate", "moved",
     "train_good_count", "heldout_good_count", "train_mean_ssim", "heldout_mean_ssim",
     "train_hungarian_good_count", "heldout_hungarian_good_count", "heldout_max_ssim", "train_above_heldout_count",
     "membership_auc_distance", "membership_auc_best_ssim", "nearest_is_train_rate", "nearest_is_train_chance",
     "distinct_minima", "minima_candidates",
     "landscape_at_reconstruction", "landscape_at_truth", "landscape_max_on_segment",
 )
+DISTANCE_MAPPING = "clip"  # init_distance and moved (module doc); SSIM columns: the evaluation's mapping
 LANDSCAPE_BYTES = 1 << 30  # KKT slices run in batches whose per-point Jacobians fit in this many bytes
 
 
@@ -101,18 +116,33 @@ def _rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean((a - b) ** 2, axis=(-3, -2, -1)))
 
 
-def _own_figures(run_dir: Path, truth: dict, good_threshold: float) -> dict:
-    """Figures that relate each slot to the training image it was paired with (module doc)."""
+def _own_figures(run_dir: Path, truth: dict, good_threshold: float,
+                 ssim_mapping: str = metrics.PROTOCOL_MAPPING) -> dict:
+    """Figures that relate each slot to the training image it was paired with (module doc).
+
+    Computed from the run's mean-subtracted ``centered``/``init_centered`` (float64) with
+    ``metrics.to_unit``, exactly as ``metrics.evaluate_reconstructions`` maps them before
+    scoring: SSIM figures under ``ssim_mapping`` (pass the evaluation's ``image_mapping``),
+    distances under ``DISTANCE_MAPPING``, and ``own_ssim_clip`` under "clip".
+    """
     with np.load(run_dir / "reconstructions.npz", allow_pickle=False) as f:
-        images, init_images, labels = f["images"], f["init_images"], f["labels"]
+        centered = np.asarray(f["centered"], np.float64)
+        init_centered = np.asarray(f["init_centered"], np.float64)
+        labels = f["labels"]
+    mean = np.asarray(truth["mean"], np.float64)
+    unit = lambda images, mapping: np.asarray(metrics.to_unit(images, mean, mapping))
     slots = truth_for_slots(labels, truth["train_images"], truth["train_labels"])  # (m, h, w, c) in [0,1]
     flat = lambda a: a.reshape(-1, *a.shape[2:])
-    tiled = np.broadcast_to(slots, images.shape)
-    own = np.asarray(metrics.ssim(flat(images), flat(tiled)))
-    init_own = np.asarray(metrics.ssim(flat(init_images), flat(tiled)))
-    return {"init_distance": float(np.median(_rms(init_images, slots))),
+    tiled = flat(np.broadcast_to(slots, centered.shape))
+    own = np.asarray(metrics.ssim(flat(unit(centered, ssim_mapping)), tiled))
+    init_own = np.asarray(metrics.ssim(flat(unit(init_centered, ssim_mapping)), tiled))
+    own_clip = np.asarray(metrics.ssim(flat(unit(centered, "clip")), tiled))
+    images, init_images = unit(centered, DISTANCE_MAPPING), unit(init_centered, DISTANCE_MAPPING)
+    return {"ssim_mapping": ssim_mapping, "distance_mapping": DISTANCE_MAPPING,
+            "init_distance": float(np.median(_rms(init_images, slots))),
             "init_own_ssim": float(np.median(init_own)),
             "own_ssim": float(np.median(own)),
+            "own_ssim_clip": float(np.median(own_clip)),
             "own_good_rate": float(np.mean(own > good_threshold)),
             "moved": float(np.median(_rms(images, init_images)))}
 
@@ -128,7 +158,8 @@ def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path,
     ranking = [r for r in run["ranking"] if not run["diverged"][r]]
     if not ranking:
         return {}
-    victim = checkpoint.load_victim(victim_dir, dtype=spec.dtype)
+    # The landscape is evaluated in the run's dtype (KKT runs default to float32), with θ* cast to it.
+    victim = checkpoint.load_victim(victim_dir, dtype=run.get("dtype", spec.dtype))
     mean = truth["mean"]
     target = truth_for_slots(labels, truth["train_images"] - mean, truth["train_labels"])
     kkt_hyper = None
@@ -139,7 +170,7 @@ def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path,
                               alpha=run["run_alpha"][best], lambda_min=run["run_lambda_min"][best])
     f = landscape.objective_function(victim, spec.method, labels=labels, bilevel_config=spec.bilevel,
                                      kkt_config=spec.kkt, kkt_hyper=kkt_hyper)
-    dtype = centered.dtype
+    dtype = np.dtype(run.get("dtype", centered.dtype))
     batch_size = None
     if spec.method == "kkt":  # the profiled objective holds a (q, P) Jacobian per point: bound the batch
         q = len(labels) * (victim.model.n_out if spec.kkt.task == "regression" else 1)
@@ -196,7 +227,8 @@ def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[
     start = time.perf_counter()
     evaluation = evaluate_run(run_dir, victim_dir=victim_dir)
     truth = sorted_ground_truth(victim_dir)
-    own = _own_figures(run_dir, truth, evaluation.get("good_threshold", metrics.GOOD_SSIM))
+    own = _own_figures(run_dir, truth, evaluation.get("good_threshold", metrics.GOOD_SSIM),
+                       evaluation.get("image_mapping", metrics.PROTOCOL_MAPPING))
     losses = np.asarray(run["final_outer_loss"], float)
     diverged = np.asarray(run["diverged"], bool)
     ok = ~diverged & np.isfinite(losses)
@@ -275,13 +307,15 @@ def _without_devices(spec_json: dict) -> dict:
 
 def cell_key(config: StudyConfig, cell: Cell) -> dict:
     """Everything a cell's result depends on: its run spec, its victim's spec, and the
-    evaluation settings (distinct-minima tolerances; landscape slices if the cell has them).
+    evaluation settings (distinct-minima tolerances; landscape slices if the cell has them;
+    the mappings to [0,1]: a cell judged before they were recorded is judged again, its run reused).
     A finished cell is reused only if its saved key equals this one."""
     landscape = dataclasses.asdict(config.landscape) if cell.init in config.landscape.inits else None
     if landscape is not None:
         landscape.pop("inits")
     return json_roundtrip({"spec": _without_devices(config.spec(cell).to_json()), "victim": config.victims[cell.victim].to_json(),
-                           "minima": dataclasses.asdict(config.minima), "landscape": landscape})
+                           "minima": dataclasses.asdict(config.minima), "landscape": landscape,
+                           "mappings": {"ssim": metrics.PROTOCOL_MAPPING, "distance": DISTANCE_MAPPING}})
 
 
 class Progress:

@@ -133,6 +133,29 @@ def test_to_unit_range():
     np.testing.assert_array_equal(metrics.to_unit_range(np.ones((1, 2, 2, 1)), None), 0.0)  # constant: no 0/0
 
 
+def test_to_unit_both_mappings_by_hand():
+    mean = np.full((1, 2, 2, 1), 0.25)
+    centered = np.array([[[[-0.5], [0.0]], [[0.25], [0.75]]],  # + mean: -0.25, 0.25, 0.5, 1 (leaves [0, 1])
+                         [[[-0.05], [0.15]], [[0.35], [0.55]]]])  # + mean: 0.2, 0.4, 0.6, 0.8 (inside [0, 1])
+    clip = np.asarray(metrics.to_unit(centered, mean, "clip"))
+    np.testing.assert_allclose(clip[..., 0], [[[0, 0.25], [0.5, 1]], [[0.2, 0.4], [0.6, 0.8]]], atol=1e-15)
+    minmax = np.asarray(metrics.to_unit(centered, mean, "minmax"))  # (v - min) / (max - min) per image
+    np.testing.assert_allclose(minmax[..., 0], [[[0, 0.4], [0.6, 1]], [[0, 1 / 3], [2 / 3, 1]]], atol=1e-15)
+    assert metrics.PROTOCOL_MAPPING == "minmax" and set(metrics.IMAGE_MAPPINGS) == {"minmax", "clip"}
+    np.testing.assert_array_equal(metrics.to_unit_range(centered, mean), minmax)
+    with pytest.raises(ConfigError, match="unknown image mapping 'unit'; choose one of minmax, clip"):
+        metrics.to_unit(centered, mean, "unit")
+    # reconstruct.to_unit (reconstructions.npz's images) is the same function, in float32.
+    from recon_jax import reconstruct
+
+    images, note = reconstruct.to_unit(centered, {"mean": mean})
+    assert images.dtype == np.float32 and reconstruct.IMAGE_MAPPING == "minmax" and "min-max" in note
+    np.testing.assert_allclose(images, minmax, atol=1e-7)
+    np.testing.assert_allclose(reconstruct.to_unit(centered, {"mean": mean}, "clip")[0], clip, atol=1e-7)
+    with pytest.raises(ConfigError, match="needs the training mean"):
+        reconstruct.to_unit(centered, None, "clip")
+
+
 def test_parameter_mismatch():
     victim = {"w": jnp.array([[1.0, 2.0], [2.0, 0.0]]), "b": jnp.array([1.0, 0.0])}  # ‖θ*‖² = 10
     params = {"w": victim["w"].at[0, 0].add(1.0), "b": victim["b"].at[1].add(2.0)}  # ‖θ − θ*‖² = 1 + 4

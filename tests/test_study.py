@@ -123,6 +123,17 @@ def test_study_outputs(tmp_path):
         assert name in figures
     report = (out / "report.md").read_text()
     assert "| affine | bilevel | gt-noise:0.05 |" in report and "](figures/auc_vs_init_distance.png)" in report
+    # Every image column names its mapping to [0,1]; summary.csv records them per cell.
+    assert "| own SSIM [minmax] | own SSIM [clip] | train good [minmax] |" in report
+    assert "init dist [clip]" in report and "Haim et al. (2022)" in report and "BRIEF" not in report
+    assert {(r["ssim_mapping"], r["distance_mapping"]) for r in rows} == {("minmax", "clip")}
+    assert all(0 <= float(r["own_ssim_clip"]) <= 1 for r in rows)
+    for r in results:
+        run = json.loads((out / "cells" / r["cell"] / "run" / "run.json").read_text())
+        evaluation = json.loads((out / "cells" / r["cell"] / "run" / "evaluation.json").read_text())
+        assert run["image_mapping"] == evaluation["image_mapping"] == r["ssim_mapping"] == "minmax"
+        with np.load(out / "cells" / r["cell"] / "run" / "reconstructions.npz") as f:
+            assert str(f["image_mapping"]) == "minmax"
     saved = json.loads((out / "results.json").read_text())
     assert [c["cell"] for c in saved["cells"]] == [c.id for c in config.cells()]
     # A rerun reuses every cell; a different config in the same folder is refused.
@@ -144,6 +155,33 @@ def test_study_outputs(tmp_path):
     changed = studyconfig.apply_overrides({**TINY, "inits": ["gaussian:0.1"]}, ["methods.kkt.steps=100"])
     results = study.run_study(studyconfig.config_from_dict(changed), out, echo=lines.append, report=False, extend=True)
     assert [r["spec"]["kkt"]["steps"] for r in results if r["method"] == "kkt"] == [100]
+
+
+def test_own_ssim_and_good_counts_judge_the_same_mapped_images(tmp_path):
+    """The study's own figures and the protocol's good counts map reconstructions to [0,1]
+    the same way ("minmax"): with one run whose slot j is training image j's nearest
+    reconstruction, own SSIM is the protocol's median training SSIM and the own good rate its
+    good count. Under "clip" (what own SSIM used before) both would differ."""
+    from recon_jax import metrics
+
+    rng = np.random.default_rng(0)
+    train = rng.uniform(0.1, 0.7, (3, 8, 8, 1))  # not spanning [0, 1]: min-max scaling changes them, clip does not
+    held = rng.uniform(0.1, 0.7, (4, 8, 8, 1))
+    labels, mean = np.arange(3), train.mean(axis=0, keepdims=True)
+    centered = (0.6 * (train - mean) + 0.05 * rng.standard_normal(train.shape))[None]  # (K=1, m=3)
+    np.savez(tmp_path / "reconstructions.npz", centered=centered, labels=labels,
+             init_centered=0.1 * rng.standard_normal(centered.shape))
+    threshold = 0.85
+    result = metrics.evaluate_reconstructions(centered, train, held, mean, good_threshold=threshold)
+    np.testing.assert_array_equal(result["train_nearest_reconstruction"], [0, 1, 2])  # the slots' pairing
+    own = study._own_figures(tmp_path, {"train_images": train, "train_labels": labels, "mean": mean}, threshold,
+                             result["image_mapping"])
+    assert own["ssim_mapping"] == result["image_mapping"] == "minmax" and own["distance_mapping"] == "clip"
+    assert own["own_ssim"] == pytest.approx(result["train_median_ssim"], abs=1e-12)
+    assert round(own["own_good_rate"] * 3) == result["train_good_count"] == 1
+    clipped = np.asarray(metrics.ssim(np.asarray(metrics.to_unit(centered[0], mean, "clip")), train))
+    assert own["own_ssim_clip"] == pytest.approx(np.median(clipped), abs=1e-12)
+    assert abs(np.median(clipped) - own["own_ssim"]) > 0.05 and np.sum(clipped > threshold) != 1
 
 
 def _study_command(config_path: Path, out: Path) -> list[str]:
