@@ -298,7 +298,7 @@ def bilevel_case(name: str, sizes: dict, dtype, synthetic: bool) -> Case:
     kind = "gelu" if sizes["hidden"] else "affine"
     return Case(name=name, description=f"bilevel {dims} {kind}, {n} images ({source}),"
                 f" K={k}", init=lambda x, h: bilevel.init_state(config, problem, x),
-                run=lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
+                run=lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i),
                 finish=lambda s, h: bilevel.evaluate(config, problem, s), start=x0, hyper=hyper, k=k,
                 warm_steps=sizes["warm_steps"], steps=sizes["steps"], estimate=estimate, flops=flops,
                 extra={"victim_grad_norm": report.grad_norm, "victim_stationary": report.stationary,
@@ -326,7 +326,7 @@ def kkt_case(name: str, sizes: dict, dtype, synthetic: bool) -> Case:
     dims = "-".join(map(str, (math.prod(CIFAR_SHAPE), *hidden, 1)))
     return Case(name=name, description=f"kkt {dims} relu, m={m} ({source}), R={r}",
                 init=lambda start, h: kkt.init_state(config, problem, *start),
-                run=lambda s, h, n: kkt.run_steps(config, problem, h, s, n),
+                run=lambda s, h, n, i=0: kkt.run_steps(config, problem, h, s, n, i),
                 finish=lambda s, h: kkt.evaluate(config, problem, h, s), start=(x0, lambdas), hyper=hyper, k=r,
                 warm_steps=sizes["warm_steps"], steps=sizes["steps"], estimate=estimate,
                 flops=lambda history, states: (per_step * history["kkt_loss"].size, {"flops_per_run_step": per_step}),
@@ -350,8 +350,8 @@ def run_case(name: str, args) -> dict:
     del start
 
     t0 = time.perf_counter()
-    warm = program.run.lower(state, hyper, case.warm_steps).compile()
-    timed = warm if case.steps == case.warm_steps else program.run.lower(state, hyper, case.steps).compile()
+    warm = program.run.lower(state, hyper, case.warm_steps, 0).compile()
+    timed = warm if case.steps == case.warm_steps else program.run.lower(state, hyper, case.steps, 0).compile()
     compile_seconds = time.perf_counter() - t0
     static_bytes = memory.compiled_bytes(timed)
 

@@ -142,7 +142,7 @@ def reconstructions(victim: dict, settings) -> list[dict]:
         with with_precision(precision):
             states, history, final = batching.run_batched(
                 lambda x, h: bilevel.init_state(config, prob, x),
-                lambda s, h, n: bilevel.run_steps(config, prob, h, s, n),
+                lambda s, h, n, i=0: bilevel.run_steps(config, prob, h, s, n, i),
                 lambda s, h: bilevel.evaluate(config, prob, s), x0.astype(dtype), hyper, steps=STEPS, segment=STEPS)
         seconds = time.perf_counter() - start
         images = np.asarray(states.images, np.float64)

@@ -26,9 +26,11 @@ log = logging.getLogger("recon_jax")
 
 
 def _add_train(sub) -> None:
+    from recon_jax.training import DEFAULT_SEGMENT, SOLVERS, TrainConfig
+
     p = sub.add_parser("train", help="train a victim network to a certified stationary point",
-                       description="Train a victim full-batch with jaxopt until ||grad L|| <= tol, "
-                                   "and write DIR/victim.msgpack, DIR/victim.json and DIR/data.npz.")
+                       description="Train a victim full-batch (trust-region Newton-CG by default) until "
+                                   "||grad L|| <= tol, and write DIR/victim.msgpack, DIR/victim.json and DIR/data.npz.")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="digits",
                    help="digits (embedded, offline), mnist, fashion_mnist, cifar10, idx:PATH, cifar:PATH, "
@@ -53,13 +55,24 @@ def _add_train(sub) -> None:
     o = p.add_argument_group("objective and solver")
     o.add_argument("--loss", choices=("ce", "logistic", "mse"), default="ce")
     o.add_argument("--weight-decay", type=float, default=1e-3)
-    o.add_argument("--solver", choices=("lbfgs", "gd"), default="lbfgs")
+    o.add_argument("--solver", choices=SOLVERS, default=TrainConfig.solver,
+                   help=f"newton: trust-region Newton-CG; lbfgs, gd: jaxopt (default {TrainConfig.solver})")
     o.add_argument("--lr", type=float, default=None, help="gd step size (default: line search)")
     o.add_argument("--acceleration", action="store_true", help="gd: Nesterov acceleration")
-    o.add_argument("--maxiter", type=int, default=3000)
-    o.add_argument("--tol", type=float, default=None, help="solver tolerance on ||grad L|| (default by dtype)")
+    o.add_argument("--maxiter", type=int, default=TrainConfig.maxiter,
+                   help=f"iterations (newton: trust-region steps) at most (default {TrainConfig.maxiter})")
+    o.add_argument("--cg-maxiter", type=int, default=TrainConfig.cg_maxiter,
+                   help=f"newton: Hessian-vector products per step at most (default {TrainConfig.cg_maxiter})")
+    o.add_argument("--hessian-dtype", choices=("float32", "float64"), default=None,
+                   help="newton: precision of the Hessian-vector products and CG (default float32; the gradient, "
+                        "loss and certificate stay in --dtype)")
+    o.add_argument("--segment", type=int, default=None,
+                   help="iterations per compiled segment, between progress reports (default: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_SEGMENT.items()) + ")")
+    o.add_argument("--tol", type=float, default=None,
+                   help="solver tolerance on ||grad L|| (default by dtype: 1e-10 float64, 1e-6 float32)")
     o.add_argument("--certify-tol", type=float, default=None,
-                   help="stationary iff ||grad L|| <= this (default 1e-8 float64, 1e-5 float32)")
+                   help="stationary iff ||grad L|| <= this (default by dtype: 1e-8 float64, 1e-5 float32)")
     o.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="victim folder to write")
@@ -85,13 +98,14 @@ def _run_train(args) -> int:
         first_layer_init_scale=args.first_layer_init_scale,
         train=TrainConfig(loss=args.loss, weight_decay=args.weight_decay, solver=args.solver,
                           maxiter=args.maxiter, tol=args.tol, certify_tol=args.certify_tol, dtype=args.dtype,
-                          learning_rate=args.lr, acceleration=args.acceleration),
+                          learning_rate=args.lr, acceleration=args.acceleration, cg_maxiter=args.cg_maxiter,
+                          hessian_dtype=args.hessian_dtype, segment=args.segment),
         seed=args.seed)
     report = train_and_save(spec, args.out, overwrite=args.overwrite,
                             progress=lambda it, err: log.info("iteration %6d  ||grad L|| %.3e", it, err))
     summary = report if isinstance(report, dict) else report.to_dict()
     keys = ("stationary", "grad_norm", "grad_norm_rel", "loss", "train_accuracy", "heldout_accuracy",
-            "n_params", "iterations", "seconds", "note")
+            "n_params", "iterations", "grad_evals", "hvp_evals", "seconds", "note")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     print(f"wrote {args.out}")
     return 0
@@ -99,6 +113,8 @@ def _run_train(args) -> int:
 
 def _add_attack_args(p, *, sweep: bool) -> None:
     """Flags shared by `reconstruct` and `sweep`."""
+    from recon_jax.bilevel import ENGINES, SCHEDULES
+
     p.add_argument("--victim", required=True, help="victim folder written by `recon-jax train`")
     p.add_argument("--method", choices=("bilevel", "kkt"), default="bilevel")
     p.add_argument("--init", default="gaussian:0.1",
@@ -115,7 +131,7 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     else:
         p.add_argument("--n-inits", type=int, default=16, help="number of initialisations K (default 16)")
         p.add_argument("--pool", type=int, default=0, help="pool the candidates of the best P runs")
-    p.add_argument("--steps", type=int, default=None, help="outer steps (default: bilevel 300, kkt 5000)")
+    p.add_argument("--steps", type=int, default=None, help="outer steps (default: bilevel 1000, kkt 5000)")
     p.add_argument("--lr", default=None, help="learning rate (kkt: on x), or a comma list to sweep "
                                               "(default: bilevel 0.01, kkt 0.01)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="default: bilevel adam, kkt sgd")
@@ -130,13 +146,32 @@ def _add_attack_args(p, *, sweep: bool) -> None:
                                                       "kkt default 1, a single value)")
     b.add_argument("--tv-weight", default="0", help="weight of total variation (or a comma list)")
     b.add_argument("--backend", choices=("jaxopt", "custom_vjp"), default="jaxopt", help="inner solver backend")
-    b.add_argument("--inner-tol", type=float, default=None, help="inner ||grad L|| tolerance (default by dtype)")
+    b.add_argument("--inner-tol", type=float, default=None,
+                   help="inner ||grad L|| tolerance (default by dtype: 1e-10 float64, 1e-6 float32)")
     b.add_argument("--inner-maxiter", type=int, default=500)
     b.add_argument("--cg-ridge", type=float, default=1e-10)
     b.add_argument("--cg-maxiter", type=int, default=200)
-    b.add_argument("--cg-tol", type=float, default=None, help="relative CG tolerance (default by dtype)")
+    b.add_argument("--cg-tol", type=float, default=None,
+                   help="relative CG tolerance (default by dtype: 1e-10 float64, 1e-6 float32)")
     b.add_argument("--warm-start", choices=("previous", "victim"), default="previous",
-                   help="start each inner solve from the previous step's solution (default) or theta*")
+                   help="implicit engine: start each inner solve from the previous step's solution (default) or theta*")
+    b.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="amortized: theta and the adjoint carried across steps, fixed Newton-CG and "
+                        "adjoint-CG budgets, exact refresh every --refresh-every steps; implicit: L-BFGS to "
+                        "--inner-tol and jaxopt implicit differentiation at every step; auto (default): amortized "
+                        "for affine victims (convex inner problem), implicit for networks with hidden layers")
+    b.add_argument("--newton-steps", type=int, default=1, help="amortized: Newton steps per outer step (default 1)")
+    b.add_argument("--newton-cg", type=int, default=8, help="amortized: CG iterations per Newton step (default 8)")
+    b.add_argument("--adjoint-cg", type=int, default=8, help="amortized: adjoint CG iterations per step (default 8)")
+    b.add_argument("--adjoint-hessian", choices=("updated", "shared"), default="updated",
+                   help="amortized: adjoint at the Newton-updated theta (default), or solved with the Newton step "
+                        "as one block CG on one shared linearisation (cheaper, less exact; uses --newton-cg)")
+    b.add_argument("--refresh-every", type=int, default=100,
+                   help="amortized: exact inner and adjoint solve every N steps (and at step 0; 0: step 0 only)")
+    b.add_argument("--schedule", choices=SCHEDULES, default="plateau",
+                   help="learning-rate schedule: plateau (default: warm-up, then halve after 20 steps without "
+                        "improvement), cosine (warm-up, cosine decay to 1%%) or constant")
+    b.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up steps (default 20)")
     k = p.add_argument_group("kkt")
     k.add_argument("--task", choices=("binary", "multiclass", "regression"), default=None,
                    help="default from the victim: logistic->binary, mse->regression, ce->multiclass without weight "
@@ -155,7 +190,9 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="shard each batch over this many local devices (default: all)")
     p.add_argument("--segment", type=int, default=100, help="steps between resumable checkpoints")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default: the victim's")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="compute dtype (theta* is cast to it). Default: bilevel the victim's; kkt float32, "
+                        "which benchmarks/precision.py measured safe for it (--dtype float64 to keep float64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
@@ -187,24 +224,29 @@ def _run_attack(args) -> int:
 
     victim_meta = Path(args.victim) / "victim.json"
     meta = read_json(victim_meta) if victim_meta.is_file() else None
-    dtype = args.dtype or (meta["train_config"]["dtype"] if meta else "float64")
+    victim_dtype = meta["train_config"]["dtype"] if meta else "float64"
+    dtype = args.dtype or reconstruct.DEFAULT_DTYPE[args.method] or victim_dtype  # as reconstruct() resolves it
     if dtype == "float64":
         enable_float64()
-    tight = dtype == "float64"
     try:
         lo, hi = (float(t) for t in args.box_bounds.split(","))
     except ValueError as err:
         raise ReconJaxError(f"--box-bounds takes lo,hi, got {args.box_bounds!r}") from err
     bilevel_method = args.method == "bilevel"
-    steps = args.steps if args.steps is not None else (300 if bilevel_method else 5000)
+    steps = args.steps if args.steps is not None else (1000 if bilevel_method else 5000)
     optimizer = args.optimizer or ("adam" if bilevel_method else "sgd")
     box_weight = _floats(args.box_weight or ("0" if bilevel_method else "1"), "--box-weight")
-    inner = InnerConfig(backend=args.backend, tol=args.inner_tol or (1e-10 if tight else 1e-5),
-                        maxiter=args.inner_maxiter, cg_ridge=args.cg_ridge, cg_maxiter=args.cg_maxiter,
-                        cg_tol=args.cg_tol or (1e-10 if tight else 1e-5))
+    # Tolerances not given stay None: the library resolves them from the run's dtype
+    # (recon_jax.precision.default_tolerances), as for any library caller.
+    inner = InnerConfig(backend=args.backend, tol=args.inner_tol, maxiter=args.inner_maxiter,
+                        cg_ridge=args.cg_ridge, cg_maxiter=args.cg_maxiter, cg_tol=args.cg_tol)
     bilevel_config = bilevel.BilevelConfig(steps=steps, outer_loss=args.outer_loss, optimizer=optimizer,
                                            momentum=args.momentum, box=args.box, box_bounds=(lo, hi),
-                                           warm_start=args.warm_start, inner=inner)
+                                           warm_start=args.warm_start, inner=inner, engine=args.engine,
+                                           newton_steps=args.newton_steps, newton_cg=args.newton_cg,
+                                           adjoint_cg=args.adjoint_cg, adjoint_hessian=args.adjoint_hessian,
+                                           refresh_every=args.refresh_every,
+                                           schedule=args.schedule, warmup_steps=args.warmup_steps)
     kkt_config = None
     if not bilevel_method:
         if isinstance(box_weight, tuple):

@@ -188,7 +188,7 @@ def segment_bytes(init, run, finish, start, hyper, k: int, segment: int) -> int:
     start_k, hyper_k = jax.tree_util.tree_map(batch, start), jax.tree_util.tree_map(batch, hyper)
     state = jax.eval_shape(program.init, start_k, hyper_k)
     state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where.batch), state)
-    return compiled_bytes(program.run.lower(state, hyper_k, segment).compile())
+    return compiled_bytes(program.run.lower(state, hyper_k, segment, 0).compile())
 
 
 def measured_per_init(init, run, finish, start, hyper, segment: int, ks: Sequence[int] = (1, 8, 32)) -> dict:
@@ -227,7 +227,7 @@ def bilevel_case(hidden: Sequence[int], image_shape: Sequence[int], n_images: in
     config = bilevel.BilevelConfig(steps=segment, optimizer=optimizer, record_cg_residual=record_cg_residual,
                                    inner=InnerConfig(backend=backend, history_size=history_size))
     program = (lambda x, h: bilevel.init_state(config, problem, x),
-               lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
+               lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i),
                lambda s, h: bilevel.evaluate(config, problem, s),
                jnp.zeros((n_images, *image_shape), dtype),
                bilevel.Hyper(*(jnp.zeros((), dtype) for _ in range(3))))
@@ -259,7 +259,7 @@ def kkt_case(hidden: Sequence[int], image_shape: Sequence[int], m: int, n_out: i
     problem = kkt.Problem(victim_params=params, labels=jnp.asarray(kkt.candidate_labels(counts, m, task)), model=model)
     config = kkt.KKTConfig(steps=segment, task=task, optimizer=optimizer)
     program = (lambda start, h: kkt.init_state(config, problem, *start),
-               lambda s, h, n: kkt.run_steps(config, problem, h, s, n),
+               lambda s, h, n, i=0: kkt.run_steps(config, problem, h, s, n, i),
                lambda s, h: kkt.evaluate(config, problem, h, s),
                (jnp.zeros((m, *image_shape), dtype), jnp.zeros((m,), dtype)),
                kkt.Hyper(*(jnp.zeros((), dtype) for _ in range(4))))

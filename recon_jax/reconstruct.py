@@ -8,16 +8,29 @@ vmapped, chunked, resumable program (``recon_jax.batching``). The settings come 
 a grid (comma lists on the command line) or from the reference's random search
 (``random_search=R``: R sampled configurations, each with its own initial scale). It writes
 
-    out_dir/reconstructions.npz   images, init_images (K, m, h, w, c) in [0,1]; centered and
+    out_dir/reconstructions.npz   images, init_images (K, m, h, w, c) in [0,1] (``IMAGE_MAPPING``,
+                                  the protocol's "minmax", stored as image_mapping); centered and
                                   init_centered (mean-subtracted, as optimised); labels (m,)
     out_dir/history.npz           per step (K, steps): the method's record (bilevel:
                                   outer_loss, objective, inner_grad_norm, inner_iterations,
-                                  cg_residual; kkt: kkt_loss and its terms)
+                                  adjoint_iterations, cg_residual, cost_gradients, cost_hvps,
+                                  refresh_correction (amortized engine); kkt: kkt_loss and
+                                  its terms)
     out_dir/run.json              resolved spec, versions, seconds, final_outer_loss (K: the
                                   relative outer loss for bilevel, L_KKT for kkt), diverged (K),
-                                  each run's hyperparameters, and the runs ranked best first
+                                  each run's hyperparameters, and the runs ranked best first;
+                                  dtype (the run's), victim_dtype, dtype_note (why θ* was cast,
+                                  or null); bilevel: the inner_tol and cg_tol used, the engine,
+                                  and cost_per_step = {gradients, hvps} (per outer step and
+                                  initialisation, averaged over the run)
     out_dir/pooled.npz            (``pool`` > 0) the candidates of the best runs, pooled
     out_dir/chunks/               resumable per-chunk state (removed when the run completes)
+
+Precision: a run computes and stores in one dtype (``reconstructions.npz["centered"]`` and
+``history.npz`` have it): ``spec.dtype`` if given, else float32 for KKT (``DEFAULT_DTYPE``,
+safe per ``benchmarks/precision.py``) and the victim's training dtype for bilevel. θ* is cast
+to it on loading, with a logged warning and ``run.json["dtype_note"]`` when that changes it.
+Inner tolerances left None are resolved from it (``recon_jax.precision.default_tolerances``).
 
 The attacks use only θ*, the architecture and recipe (victim.json) and the label counts.
 The victim's ``data.npz`` is read for evaluation-side work only: mapping results to [0,1]
@@ -40,14 +53,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recon_jax import bilevel, checkpoint, kkt, memory
+from recon_jax import bilevel, checkpoint, kkt, memory, metrics
 from recon_jax.artifacts import atomic_save_npz, atomic_write_json, json_roundtrip, read_json, versions
 from recon_jax.batching import auto_chunk_size, check_fits, run_batched, select_devices
 from recon_jax.errors import ConfigError
 from recon_jax.initialisation import initial_images, parse_init
 from recon_jax.models import count_params
 from recon_jax.objectives import make_objective
-from recon_jax.precision import resolve_dtype
+from recon_jax.precision import default_tolerances, resolve_dtype
 
 log = logging.getLogger(__name__)
 METHODS = ("bilevel", "kkt")
@@ -100,7 +113,7 @@ class ReconstructionSpec:
     chunk_size: int | None = None  # None: chosen from free memory
     devices: int | None = None  # local devices the batch is sharded over; None: all
     segment: int = 100  # steps between checkpoints
-    dtype: str | None = None  # None: the victim's dtype
+    dtype: str | None = None  # None: bilevel the victim's dtype, kkt float32 (``DEFAULT_DTYPE``)
     bilevel: bilevel.BilevelConfig = bilevel.BilevelConfig()
     kkt: kkt.KKTConfig | None = None  # None: derived from the victim (task from its loss)
 
@@ -165,8 +178,10 @@ class Program:
 def problem_from_victim(victim: checkpoint.Victim) -> bilevel.Problem:
     """The attacker's view: θ*, known class-balanced labels, and the victim's training objective."""
     objective = make_objective(victim.model.apply, victim.train_config.loss, victim.train_config.weight_decay)
+    # An affine victim's training loss (ce, logistic or mse) plus weight decay is strongly convex in θ.
+    convex = not victim.model.hidden and victim.train_config.weight_decay > 0
     return bilevel.Problem(victim_params=victim.params, labels=jnp.asarray(victim.known_labels()),
-                           objective=objective)
+                           objective=objective, convex=convex)
 
 
 def bytes_per_init(victim: checkpoint.Victim, config: bilevel.BilevelConfig, itemsize: int, segment: int = 100) -> int:
@@ -197,7 +212,9 @@ def _starting_images(spec, labels, victim, truth, dtype, n_settings, init_scale)
     if init_scale is not None and init_spec.kind == "gaussian":
         unit = initial_images(parse_init("gaussian:1"), spec.n_inits, labels, victim.image_shape, seed=spec.seed,
                               dtype=dtype)
-        return np.repeat(unit, n_settings, axis=0) * np.tile(init_scale, spec.n_inits)[:, None, None, None, None]
+        # The σ draws are float64 (numpy): cast, or a float32 run would start from float64 images.
+        scale = np.tile(init_scale, spec.n_inits)[:, None, None, None, None]
+        return (np.repeat(unit, n_settings, axis=0) * scale).astype(dtype)
     x0 = initial_images(init_spec, spec.n_inits, labels, victim.image_shape, seed=spec.seed,
                         ground_truth=truth, dtype=dtype)
     return np.repeat(x0, n_settings, axis=0)
@@ -233,7 +250,7 @@ def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     hyper = bilevel.Hyper(**{k: jnp.asarray(runs[k], dtype) for k in ("learning_rate", "box_weight", "tv_weight")})
     return Program(
         init=lambda x, h: bilevel.init_state(config, problem, x),
-        run=lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
+        run=lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i),
         finish=lambda s, h: bilevel.evaluate(config, problem, s),
         start=jnp.asarray(x0), hyper=hyper, labels=labels, init_centered=x0, run_settings=runs,
         final_loss="outer_loss", bytes_per_run=bytes_per_init(victim, config, np.dtype(dtype).itemsize, spec.segment),
@@ -267,7 +284,7 @@ def _kkt_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     hyper = kkt.Hyper(**{k: jnp.asarray(runs[k], dtype) for k in ("lr_x", "lr_lambda", "alpha", "lambda_min")})
     return Program(
         init=lambda start, h: kkt.init_state(config, problem, *start),
-        run=lambda s, h, n: kkt.run_steps(config, problem, h, s, n),
+        run=lambda s, h, n, i=0: kkt.run_steps(config, problem, h, s, n, i),
         finish=lambda s, h: kkt.evaluate(config, problem, h, s),
         start=(jnp.asarray(x0), lambdas), hyper=hyper, labels=labels, init_centered=x0, run_settings=runs,
         final_loss="kkt_loss",
@@ -287,20 +304,71 @@ def sorted_ground_truth(directory) -> dict | None:
     return truth
 
 
-def to_unit(centered: np.ndarray, truth: dict | None) -> tuple[np.ndarray, str]:
-    """Map mean-subtracted images to [0,1]: add the training mean and clip, or (with no
-    ground truth at hand) min-max scale each image (BRIEF §4)."""
-    if truth is not None:
-        return np.clip(centered + truth["mean"], 0.0, 1.0).astype(np.float32), "add training mean, clip to [0,1]"
-    axes = tuple(range(centered.ndim - 3, centered.ndim))
-    lo, hi = centered.min(axis=axes, keepdims=True), centered.max(axis=axes, keepdims=True)
-    return ((centered - lo) / np.maximum(hi - lo, 1e-12)).astype(np.float32), "min-max scale per image"
+IMAGE_MAPPING = metrics.PROTOCOL_MAPPING
+"""How ``images``/``init_images`` in reconstructions.npz (and pooled.npz) are mapped to [0,1]:
+the evaluation protocol's "minmax", so the stored images are the ones ``recon-jax evaluate``
+scores. Recorded as ``image_mapping`` in run.json and in both files."""
+
+
+def to_unit(centered: np.ndarray, truth: dict | None, mapping: str = IMAGE_MAPPING) -> tuple[np.ndarray, str]:
+    """Map mean-subtracted images to [0,1] with ``metrics.to_unit`` under ``mapping``
+    (``metrics.IMAGE_MAPPINGS``), as float32; and the mapping's description for run.json.
+    Without ground truth (no data.npz) the mean is unknown and taken as 0, which only
+    "minmax" tolerates: it then scales each mean-subtracted image to [0,1]."""
+    metrics.check_mapping(mapping)
+    if truth is None and mapping != "minmax":
+        raise ConfigError(f'the "{mapping}" mapping to [0,1] needs the training mean, from the victim\'s data.npz')
+    images = np.asarray(metrics.to_unit(centered, None if truth is None else truth["mean"], mapping), np.float32)
+    note = "" if truth is not None else " (no data.npz: without the training mean)"
+    return images, metrics.IMAGE_MAPPINGS[mapping] + note
+
+
+def _finite_mean(values) -> float | None:
+    """Mean of the finite entries (None where there are none, e.g. a figure the engine does not count)."""
+    if values is None:
+        return None
+    values = np.asarray(values, float)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
 
 
 def rank_runs(final_loss: np.ndarray, diverged: np.ndarray) -> np.ndarray:
     """Run indices best first: by final loss, diverged or non-finite runs last."""
     key = np.where(diverged | ~np.isfinite(final_loss), np.inf, final_loss)
     return np.argsort(key, kind="stable")
+
+
+DEFAULT_DTYPE = {"bilevel": None, "kkt": "float32"}
+"""The run's dtype when the spec gives none: bilevel keeps the victim's (None); KKT runs in
+float32, which ``benchmarks/precision.py`` measured safe for it (gradient of L_KKT within 1e-7
+of float64's, L_KKT after 100 steps equal to 7 digits; ``benchmarks/README.md``)."""
+
+FLOAT32_REACHABLE_TOL = 1e-7
+"""Below this, ‖∇_θL‖ tolerances are unreachable in float32 (the precision study's float32
+solves stall at ‖∇L‖ ≈ 1e-7); such a tolerance is warned about."""
+
+
+def cast_note(spec: ReconstructionSpec, victim_dtype: str, dtype: str) -> str | None:
+    """Why θ* (trained in ``victim_dtype``) runs in ``dtype``; None when they agree."""
+    if victim_dtype == dtype:
+        return None
+    why = (f"the {spec.method} attack runs in {dtype} unless a dtype is given (benchmarks/precision.py: "
+           "float32 is safe for KKT); pass --dtype float64 (spec.dtype='float64') to keep float64"
+           if spec.dtype is None else f"dtype {dtype} was asked for")
+    return f"theta* (trained in {victim_dtype}) cast to {dtype}: {why}"
+
+
+def resolved_spec(spec: ReconstructionSpec, dtype) -> ReconstructionSpec:
+    """``spec`` with the bilevel inner tolerances left None resolved from ``dtype``
+    (``InnerConfig.resolved``, i.e. ``recon_jax.precision.default_tolerances``). Warns when
+    a float32 run is given a tolerance float32 cannot reach."""
+    inner = spec.bilevel.inner.resolved(dtype)
+    unreachable = min(inner.tol, inner.cg_tol) < FLOAT32_REACHABLE_TOL
+    if spec.method == "bilevel" and np.dtype(dtype) == np.float32 and unreachable:
+        log.warning("inner tol %.0e / CG tol %.0e are below what float32 reaches (~%.0e; float32 default %.0e): "
+                    "inner solves stop at their first failed line search or cap instead", inner.tol, inner.cg_tol,
+                    FLOAT32_REACHABLE_TOL, default_tolerances(dtype)["inner_tol"])
+    return dataclasses.replace(spec, bilevel=dataclasses.replace(spec.bilevel, inner=inner))
 
 
 def run_identity(victim_dir: str | os.PathLike, spec: ReconstructionSpec) -> dict:
@@ -318,8 +386,11 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     A finished ``out_dir`` with the same spec is returned as is; an interrupted one resumes.
     """
     out_dir = Path(out_dir)
-    victim = checkpoint.load_victim(victim_dir, dtype=spec.dtype)
-    dtype = resolve_dtype(spec.dtype or victim.train_config.dtype)
+    requested = spec.dtype or DEFAULT_DTYPE[spec.method]
+    victim = checkpoint.load_victim(victim_dir, dtype=requested)  # θ* cast to the run's dtype here
+    dtype = resolve_dtype(requested or victim.train_config.dtype)
+    dtype_note = cast_note(spec, victim.train_config.dtype, dtype.name)
+    run_spec = resolved_spec(spec, dtype)
     spec_json = run_identity(victim_dir, spec)
     if (out_dir / "run.json").is_file() and not overwrite:
         saved = read_json(out_dir / "run.json")
@@ -340,7 +411,12 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
 
     truth = sorted_ground_truth(victim_dir)
     build = _bilevel_program if spec.method == "bilevel" else _kkt_program
-    program = build(spec, victim, truth, dtype)
+    if dtype_note:
+        log.warning("%s", dtype_note)
+    program = build(run_spec, victim, truth, dtype)
+    if np.asarray(program.init_centered).dtype != dtype:
+        raise ConfigError(f"internal: the initial images are {np.asarray(program.init_centered).dtype} in a "
+                          f"{dtype.name} run; please report this")
     if not np.all(np.isfinite(program.init_centered)):
         raise ConfigError("initial images contain non-finite values")
     n_runs = len(program.init_centered)
@@ -367,13 +443,14 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     diverged = np.asarray(final["diverged"], bool)
     ranking = rank_runs(final_loss, diverged)
     atomic_save_npz(out_dir / "reconstructions.npz", images=images, init_images=init_unit, centered=centered,
-                    init_centered=program.init_centered, labels=program.labels)
+                    init_centered=program.init_centered, labels=program.labels, image_mapping=np.asarray(IMAGE_MAPPING))
     atomic_save_npz(out_dir / "history.npz", **history)
     if spec.pool:
         best = ranking[: spec.pool]
         atomic_save_npz(out_dir / "pooled.npz", images=images[best].reshape(-1, *images.shape[2:]),
                         centered=centered[best].reshape(-1, *centered.shape[2:]),
-                        labels=np.tile(program.labels, len(best)), runs=np.repeat(best, len(program.labels)))
+                        labels=np.tile(program.labels, len(best)), runs=np.repeat(best, len(program.labels)),
+                        image_mapping=np.asarray(IMAGE_MAPPING))
     summary = {
         "spec": spec_json,
         "method": spec.method,
@@ -386,7 +463,10 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
         "devices": n_devices,
         "bytes_per_run_estimate": program.bytes_per_run,
         "dtype": np.dtype(dtype).name,
-        "image_mapping": mapping,
+        "victim_dtype": victim.train_config.dtype,
+        "dtype_note": dtype_note,
+        "image_mapping": IMAGE_MAPPING,  # of reconstructions.npz's images and init_images
+        "image_mapping_note": mapping,
         "victim_stationary": bool(victim.report.get("stationary", False)),
         "final_loss_name": program.final_loss,
         "final_outer_loss": final_loss.tolist(),
@@ -400,7 +480,16 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
         "versions": versions(),
     }
     if spec.method == "bilevel":
-        summary["inner_converged"] = (np.asarray(final["inner_grad_norm"]) <= spec.bilevel.inner.tol).tolist()
+        inner = run_spec.bilevel.inner
+        summary["inner_tol"], summary["cg_tol"] = inner.tol, inner.cg_tol
+        summary["inner_converged"] = (np.asarray(final["inner_grad_norm"]) <= inner.tol).tolist()
+        # Gradient evaluations of ∇_θL and its Hessian-vector-type products (JVPs/VJPs) per outer
+        # step and initialisation, averaged over the run (history.npz has them per step).
+        summary["engine"] = bilevel.resolve_engine(run_spec.bilevel, problem_from_victim(victim))
+        summary["cost_per_step"] = {"gradients": _finite_mean(history.get("cost_gradients")),
+                                    "hvps": _finite_mean(history.get("cost_hvps"))}
+        if summary["engine"] == "amortized":  # forward-only loss evaluations of the Newton line search
+            summary["cost_per_step"]["values"] = run_spec.bilevel.cost_per_step()["values"]
     atomic_write_json(out_dir / "run.json", summary)
     shutil.rmtree(out_dir / "chunks", ignore_errors=True)
     return summary

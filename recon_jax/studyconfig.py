@@ -20,7 +20,7 @@ pool. The file format (all tables optional except ``victims`` and ``methods``)::
 
     [methods.bilevel]             # one table per method entry (several per method are fine)
     method = "bilevel"
-    steps = 300                   # shortcut for [methods.X.bilevel] steps / [methods.X.kkt] steps
+    steps = 1000                  # shortcut for [methods.X.bilevel] steps / [methods.X.kkt] steps
     learning_rate = 0.01          # any ReconstructionSpec field
     [methods.bilevel.inner]       # InnerConfig fields (bilevel only)
     maxiter = 500
@@ -71,7 +71,7 @@ METHOD_KEYS = SPEC_KEYS | {"method", "steps", "bilevel", "kkt", "inner"}
 BILEVEL_KEYS = {f.name for f in dataclasses.fields(bilevel.BilevelConfig)} - {"inner"}
 KKT_KEYS = {f.name for f in dataclasses.fields(kkt.KKTConfig)}
 INNER_KEYS = {f.name for f in dataclasses.fields(InnerConfig)}
-DEFAULT_STEPS = {"bilevel": 300, "kkt": 5000}
+DEFAULT_STEPS = {"bilevel": 1000, "kkt": 5000}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -101,10 +101,9 @@ class MethodEntry:
     def spec_for(self, victim: VictimSpec, init: str, n_inits: int, seed: int) -> ReconstructionSpec:
         """The ReconstructionSpec of one cell: defaults by the victim's dtype and loss, as the CLI's."""
         s = copy.deepcopy(self.settings)
-        dtype = s.get("dtype") or victim.train.dtype
-        tight = dtype == "float64"
         steps = s.pop("steps", DEFAULT_STEPS[self.method])
-        inner = {"tol": 1e-10 if tight else 1e-5, "cg_tol": 1e-10 if tight else 1e-5, **s.pop("inner", {})}
+        # Tolerances left None are resolved from the run's dtype (recon_jax.precision.default_tolerances).
+        inner = {"tol": None, "cg_tol": None, **s.pop("inner", {})}
         bilevel_table = {"steps": steps, **s.pop("bilevel", {})}
         kkt_table = {"steps": steps, "task": default_kkt_task(victim.train.loss, victim.train.weight_decay), **s.pop("kkt", {})}
         if self.method == "kkt":

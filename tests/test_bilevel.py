@@ -8,6 +8,7 @@ import pytest
 
 from recon_jax import bilevel, data
 from recon_jax.batching import run_batched
+from recon_jax.errors import ConfigError
 from recon_jax.models import MLP, init_params
 from recon_jax.objectives import make_objective
 from recon_jax.solvers import InnerConfig, make_argmin
@@ -92,7 +93,7 @@ def test_true_images_are_a_zero_of_the_outer_problem():
 
 def test_adjoint_probe_and_cg_residual_match_explicit_hessian():
     problem, truth = _victim((), "gelu", "ce", n_per_class=1)
-    config = bilevel.BilevelConfig(inner=TIGHT)
+    config = bilevel.BilevelConfig(inner=TIGHT, engine="implicit")
     x0 = truth + 0.1 * jax.random.normal(jax.random.key(4), truth.shape, truth.dtype)
     state = bilevel.init_state(config, problem, x0)
     new_state, record = bilevel.outer_step(config, problem, bilevel.Hyper(learning_rate=0.01), state)
@@ -123,7 +124,7 @@ def test_cosine_outer_loss_is_scale_invariant():
 
 def _batched(problem, config, x0, hyper, **kw):
     return run_batched(lambda x, h: bilevel.init_state(config, problem, x),
-                       lambda s, h, n: bilevel.run_steps(config, problem, h, s, n),
+                       lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i),
                        lambda s, h: bilevel.evaluate(config, problem, s), x0, hyper, steps=config.steps, **kw)
 
 
@@ -227,3 +228,91 @@ def test_chunk_size_follows_free_memory_and_refuses_what_cannot_fit(monkeypatch)
     assert batching.auto_chunk_size(n_inits=3, bytes_per_init=100_000) == 3
     with pytest.raises(ConfigError, match="one initialisation needs about .* GiB"):
         batching.auto_chunk_size(n_inits=1, bytes_per_init=2_000_000)
+
+
+def test_amortized_hypergradient_converges_to_the_exact_one_as_the_budget_grows():
+    """Arbel & Mairal's amortized hypergradient: inexact at a small budget, exact in the limit.
+    From θ*, v = 0 at images away from the truth, k Newton steps of c CG iterations and c adjoint
+    CG iterations approach the implicit-differentiation hypergradient (tight tolerances)."""
+    problem, truth = _victim((16,), "gelu", "ce")
+    x = truth + 0.2 * jax.random.normal(jax.random.key(21), truth.shape, truth.dtype)
+    exact_loss, exact = jax.jit(lambda x: bilevel.hypergradient(bilevel.BilevelConfig(inner=TIGHT), problem, x))(x)
+    hyper = bilevel.Hyper(learning_rate=jnp.asarray(0.01))
+    errors = []
+    for newton_steps, budget in ((1, 2), (2, 8), (6, 400)):
+        config = bilevel.BilevelConfig(newton_steps=newton_steps, newton_cg=budget, adjoint_cg=budget, engine="amortized",
+                                       inner=InnerConfig(cg_ridge=0.0, cg_tol=1e-15))
+        state = bilevel.init_state(config, problem, x)
+        loss, grad = jax.jit(lambda s: bilevel.amortized_hypergradient(config, problem, hyper, s))(state)
+        errors.append(float(jnp.linalg.norm(grad - exact) / jnp.linalg.norm(exact)))
+    assert errors[0] > 1e-3 and errors[0] > errors[1] > errors[2]
+    assert errors[-1] <= 1e-8
+    np.testing.assert_allclose(loss, exact_loss, rtol=1e-8)
+
+
+def test_amortized_refresh_runs_at_step_zero_and_every_period_across_segments(small_run):
+    """The refresh is keyed to the absolute step, which run_batched passes unbatched: segments
+    and chunks do not move it, and it is a real branch (not computed at other steps)."""
+    problem, _, x0, hyper = small_run
+    config = bilevel.BilevelConfig(steps=7, refresh_every=3, engine="amortized", inner=InnerConfig(tol=1e-11, cg_tol=1e-11))
+    whole = _batched(problem, config, x0, hyper)
+    pieces = _batched(problem, config, x0, hyper, chunk_size=3, segment=2)
+    np.testing.assert_allclose(pieces[0].images, whole[0].images, rtol=1e-7, atol=1e-10)
+    # Iteration counts and step sizes are decided by tests at round-off level (a CG residual
+    # against 1e-11, an Armijo test once the Newton step is negligible), which XLA's
+    # batch-size-dependent reductions may flip; the floating-point records agree.
+    for name in ("outer_loss", "objective", "cost_hvps"):
+        np.testing.assert_allclose(pieces[1][name], whole[1][name], rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(np.isfinite(pieces[1]["refresh_correction"]),
+                                  np.isfinite(whole[1]["refresh_correction"]))
+    refreshed = np.isfinite(whole[1]["refresh_correction"])
+    assert refreshed[:, [0, 3, 6]].all() and not refreshed[:, [1, 2, 4, 5]].any()
+    cost = config.cost_per_step()
+    assert cost == {"gradients": 2, "values": 5, "hvps": 1 * 8 + 8 + 2}
+    plain = whole[1]["cost_gradients"][:, [1, 2, 4, 5]]
+    np.testing.assert_array_equal(plain, cost["gradients"])
+    assert (whole[1]["cost_gradients"][:, 0] > cost["gradients"]).all()
+    assert (whole[1]["refresh_correction"][:, 0] > whole[1]["refresh_correction"][:, 6]).all()
+
+
+def test_engines_reach_the_same_images(small_run):
+    """Same start, same schedule: the amortized and the implicit engine take nearly the same path."""
+    problem, _, x0, hyper = small_run
+    runs = {}
+    for engine in ("amortized", "implicit"):
+        config = bilevel.BilevelConfig(steps=6, engine=engine, newton_steps=2, newton_cg=30, adjoint_cg=30,
+                                       inner=InnerConfig(tol=1e-12, cg_tol=1e-12))
+        runs[engine] = _batched(problem, config, x0, hyper)
+    np.testing.assert_allclose(runs["amortized"][0].images, runs["implicit"][0].images, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(runs["amortized"][2]["outer_loss"], runs["implicit"][2]["outer_loss"], rtol=1e-6)
+
+
+def test_learning_rate_schedules():
+    cosine = bilevel.BilevelConfig(steps=120, schedule="cosine", warmup_steps=20, final_lr_fraction=0.01)
+    s = np.asarray(jax.vmap(lambda t: bilevel.lr_schedule(cosine, t))(jnp.arange(121)))
+    np.testing.assert_allclose(s[[0, 9, 19]], [0.05, 0.5, 1.0])
+    np.testing.assert_allclose(s[20], 1.0)
+    np.testing.assert_allclose(s[70], 0.01 + 0.99 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(s[120], 0.01, rtol=1e-6)
+    plateau = bilevel.BilevelConfig(warmup_steps=4)
+    np.testing.assert_allclose([bilevel.lr_schedule(plateau, t) for t in (0, 3, 50)], [0.25, 1.0, 1.0])
+    constant = bilevel.BilevelConfig(schedule="constant")
+    assert float(bilevel.lr_schedule(constant, 7)) == 1.0
+
+
+def test_engine_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="engine='implicit'"):
+        bilevel.BilevelConfig(warm_start="victim")
+    with pytest.raises(ConfigError, match="budgets must be >= 1"):
+        bilevel.BilevelConfig(newton_cg=0)
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        bilevel.BilevelConfig(schedule="linear")
+
+
+def test_auto_engine_is_amortized_for_convex_inner_problems_only(small_run):
+    problem = small_run[0]
+    auto = bilevel.BilevelConfig()
+    assert auto.engine == "auto"
+    assert bilevel.resolve_engine(auto, problem) == "implicit"
+    assert bilevel.resolve_engine(auto, problem.replace(convex=True)) == "amortized"
+    assert bilevel.resolve_engine(bilevel.BilevelConfig(engine="implicit"), problem.replace(convex=True)) == "implicit"

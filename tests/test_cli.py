@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from recon_jax import metrics
 from recon_jax.cli import main
 
 
@@ -42,10 +43,17 @@ def test_reconstruct_writes_the_run_folder(victim, tmp_path):
     with np.load(out / "reconstructions.npz") as f:
         assert f["images"].shape == (3, 20, 8, 8, 1) and f["init_images"].shape == (3, 20, 8, 8, 1)
         assert 0 <= f["images"].min() and f["images"].max() <= 1
+        # images are the candidates as the protocol scores them: mean added back, min-max scaled per image
+        assert str(f["image_mapping"]) == "minmax"
+        with np.load(victim / "data.npz") as data:
+            mean = data["mean"]
+        np.testing.assert_allclose(f["images"], metrics.to_unit(f["centered"], mean, "minmax"), atol=1e-6)
+        np.testing.assert_allclose(f["init_images"], metrics.to_unit(f["init_centered"], mean, "minmax"), atol=1e-6)
     with np.load(out / "history.npz") as f:
         assert set(f.files) >= {"outer_loss", "inner_grad_norm", "inner_iterations", "cg_residual"}
         assert f["outer_loss"].shape == (3, 20)
     run = json.loads((out / "run.json").read_text())
+    assert run["image_mapping"] == "minmax" and "min-max" in run["image_mapping_note"]
     assert len(run["final_outer_loss"]) == 3 and run["seconds"] > 0 and "jax" in run["versions"]
     assert run["spec"]["bilevel"]["steps"] == 20 and not (out / "chunks").exists()
     assert all(final < first for final, first in zip(run["final_outer_loss"], np.load(out / "history.npz")["outer_loss"][:, 0]))

@@ -243,7 +243,7 @@ def _sweep_setup(n_runs: int = 3):
 def _batched(config, problem, hyper, images, lambdas, steps):
     # finish ignores extra arguments, so it fits run_batched's finish(state) and a finish(state, hyper)
     return run_batched(lambda start, h: kkt.init_state(config, problem, *start),
-                       lambda s, h, n: kkt.run_steps(config, problem, h, s, n),
+                       lambda s, h, n, i=0: kkt.run_steps(config, problem, h, s, n, i),
                        lambda s, *_: {"diverged": s.diverged},
                        (images, lambdas), hyper, steps=steps, segment=3)
 

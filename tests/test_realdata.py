@@ -1,9 +1,12 @@
 """Real images: certified victims on MNIST and CIFAR-10, and bilevel reconstruction targets.
 
 These are the figures the foundation and bilevel issues ask for, kept as regression tests:
-float64 victims reach ||grad L|| <= 1e-8, and on 100 MNIST images (affine CE, λ_wd = 1e-3)
-the relative outer loss falls below 1e-5 from gt-noise:0.05 and below 1e-6 from
-gaussian:0.1 within 1000 Adam steps (lr 0.01).
+float64 victims reach ||grad L|| <= 1e-8, and on 100 MNIST and 100 Fashion-MNIST images
+(affine CE, λ_wd = 1e-3) the relative outer loss of EVERY one of 4 initialisations falls
+below 1e-5 from gt-noise:0.05 and below 1e-6 from gaussian:0.1 with the library's (and the
+CLI's) defaults: the amortized engine, Adam at lr 0.01 with the plateau schedule, 1000 steps.
+The defaults were chosen on MNIST; Fashion-MNIST is the second data set they must hold on
+(with a constant-rate Adam they did not: the objective rose again after step ~300).
 """
 
 import pytest
@@ -14,6 +17,7 @@ from recon_jax.training import TrainConfig
 from recon_jax.victim import VictimSpec, train_and_save
 
 pytestmark = pytest.mark.slow
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,14 @@ def mnist_affine(data_env, tmp_path_factory):
     return out, report
 
 
+@pytest.fixture(scope="module")
+def fashion_affine(require_path, data_env, tmp_path_factory):
+    require_path(FASHION_MNIST, "Debian package dataset-fashion-mnist")
+    out = tmp_path_factory.mktemp("fashion_affine")
+    report = train_and_save(VictimSpec(dataset="fashion_mnist", n_per_class=10, hidden=(), train=TrainConfig()), out)
+    return out, report
+
+
 @pytest.mark.parametrize("dataset, hidden", [("mnist", ()), ("mnist", (1000,)), ("cifar10", ())])
 def test_float64_victims_on_100_real_images_are_certified(data_env, tmp_path, dataset, hidden, mnist_affine):
     if dataset == "mnist" and hidden == ():
@@ -45,9 +57,12 @@ def test_float64_victims_on_100_real_images_are_certified(data_env, tmp_path, da
     assert report.stationary and report.grad_norm <= 1e-8 and report.train_accuracy == 1.0
 
 
+@pytest.mark.parametrize("victim", ["mnist_affine", "fashion_affine"])
 @pytest.mark.parametrize("init, target", [("gt-noise:0.05", 1e-5), ("gaussian:0.1", 1e-6)])
-def test_bilevel_reaches_the_outer_loss_target_on_mnist(mnist_affine, tmp_path, init, target):
-    spec = ReconstructionSpec(init=init, n_inits=1, learning_rate=0.01, bilevel=BilevelConfig(steps=1000),
-                              segment=1000)
-    summary = reconstruct(mnist_affine[0], tmp_path, spec)
-    assert summary["final_outer_loss"][0] < target and not summary["diverged"][0]
+def test_bilevel_defaults_reach_the_outer_loss_target_on_two_datasets(request, victim, tmp_path, init, target):
+    assert BilevelConfig().steps == 1000 and ReconstructionSpec().learning_rate == 0.01
+    spec = ReconstructionSpec(init=init, n_inits=4, segment=1000)
+    summary = reconstruct(request.getfixturevalue(victim)[0], tmp_path, spec)
+    assert max(summary["final_outer_loss"]) < target and not any(summary["diverged"])
+    cost = summary["cost_per_step"]  # the amortized engine: 2 gradients, 18 products, plus refreshes
+    assert summary["engine"] == "amortized" and 2 <= cost["gradients"] < 4 and 18 <= cost["hvps"] < 25

@@ -73,22 +73,27 @@ SCRIPT = textwrap.dedent(r'''
 
     if method == "bilevel":
         spec = ReconstructionSpec(method="bilevel", init="gaussian:0.1", n_inits=13, segment=2,
-                                  bilevel=bilevel.BilevelConfig(steps=2, inner=InnerConfig(backend="custom_vjp")))
+                                  # The implicit engine is bitwise device-count independent. The amortized
+                                  # engine is not: its masked CG and Armijo tests at round-off level
+                                  # flip with XLA's batch-size-dependent reductions (recon_jax.bilevel).
+                                  bilevel=bilevel.BilevelConfig(steps=2, engine="implicit",
+                                                                inner=InnerConfig(backend="custom_vjp")))
     else:
+        # float64 (KKT's default is float32): the 1e-12 agreement below is a float64 statement.
         spec = ReconstructionSpec(method="kkt", init="gaussian:0.01", n_inits=13, learning_rate=0.05, segment=3,
-                                  kkt=kkt.KKTConfig(steps=3, task="regression"))
+                                  dtype="float64", kkt=kkt.KKTConfig(steps=3, task="regression"))
 
     # Record how run_batched's chunk state is placed when it checkpoints a segment.
     placements = []
     save_chunk = batching._save_chunk
-    def recording_save_chunk(path, state, history, steps_done):
+    def recording_save_chunk(path, state, history, steps_done, **kwargs):
         leaf = state.images
         placements.append({"spec": str(leaf.sharding.spec), "devices": len(leaf.sharding.device_set),
                            "shards": len(leaf.addressable_shards),
                            "shard_devices": len({s.device for s in leaf.addressable_shards}),
                            "shard_rows": sorted({s.data.shape[0] for s in leaf.addressable_shards}),
                            "rows": leaf.shape[0]})
-        save_chunk(path, state, history, steps_done)
+        save_chunk(path, state, history, steps_done, **kwargs)
     batching._save_chunk = recording_save_chunk
 
     runs = {}
@@ -98,7 +103,7 @@ SCRIPT = textwrap.dedent(r'''
         arrays = {}
         for name in ("reconstructions.npz", "history.npz"):
             with np.load(out / f"run-{d}" / name) as f:
-                arrays.update({f"{name}:{k}": f[k] for k in f.files})
+                arrays.update({f"{name}:{k}": f[k] for k in f.files if f[k].dtype.kind != "U"})  # not image_mapping
         arrays["final_outer_loss"] = np.asarray(summary["final_outer_loss"])
         runs[d] = arrays
         result[f"placement_{d}"] = placements[0]
@@ -106,10 +111,13 @@ SCRIPT = textwrap.dedent(r'''
         result[f"devices_{d}"] = summary["devices"]
     reference = runs[device_counts[-1]]
     for d in device_counts[:-1]:
-        result[f"bitwise_{d}"] = all(np.array_equal(runs[d][k], reference[k]) for k in reference)
-        result[f"max_abs_diff_{d}"] = max(float(np.max(np.abs(runs[d][k].astype(float) - reference[k].astype(float))))
+        # NaN marks "not measured at this step" (the amortized engine's refresh_correction between
+        # refreshes): equal where both are NaN.
+        result[f"bitwise_{d}"] = all(np.array_equal(runs[d][k], reference[k], equal_nan=True) for k in reference)
+        result[f"max_abs_diff_{d}"] = max(float(np.nanmax(np.abs(runs[d][k].astype(float) - reference[k].astype(float)),
+                                                          initial=0.0))
                                           for k in reference if runs[d][k].size)
-        result[f"allclose_1e-12_{d}"] = all(np.allclose(runs[d][k], reference[k], rtol=1e-12, atol=1e-12)
+        result[f"allclose_1e-12_{d}"] = all(np.allclose(runs[d][k], reference[k], rtol=1e-12, atol=1e-12, equal_nan=True)
                                             for k in reference)
     result["n_runs"] = int(len(reference["final_outer_loss"]))
     result["finite"] = bool(np.all(np.isfinite(reference["final_outer_loss"])))
@@ -193,7 +201,7 @@ def test_auto_chunk_size_uses_each_devices_share(monkeypatch):
 
 
 def _toy_functions():
-    def run(state, h, n):
+    def run(state, h, n, start=0):
         def body(c, _):
             return {"x": c["x"] * h + 1.0, "k": c["k"] + 1}, {"sum": c["x"].sum()}
         return jax.lax.scan(body, state, None, length=n)

@@ -64,7 +64,7 @@ def test_config_files_and_overrides(tmp_path):
     config = studyconfig.load_config(tmp_path / "s.toml")
     assert config.name == "s" and [c.id for c in config.cells()] == ["a__b__heldout__s0"]
     spec = config.spec(config.cells()[0])
-    assert spec.bilevel.steps == 5 and spec.bilevel.inner.maxiter == 50 and spec.bilevel.inner.tol == 1e-10
+    assert spec.bilevel.steps == 5 and spec.bilevel.inner.maxiter == 50 and spec.bilevel.inner.tol is None  # by dtype
     renamed = studyconfig.load_config(tmp_path / "s.toml", dataset="cifar10")
     assert renamed.name == "s-cifar10" and renamed.victims["a"].dataset == "cifar10"
     (tmp_path / "bad.toml").write_text("n_inits = [")
