@@ -382,8 +382,8 @@ def benchmark_step_cost(victim: dict, sizes: dict, repeats: int) -> dict:
         variants = [(True, inner), (False, inner)]
         if not victim["hidden"]:
             # For information only (not a target): the same step with looser tolerances, to
-            # show how much of the cost is the tight default tolerances (BRIEF §6 trades
-            # hypergradient accuracy for them).
+            # show how much of the cost is the tight default tolerances (looser inner and CG
+            # tolerances trade hypergradient accuracy for speed: the error is bounded by them).
             variants.append((False, dataclasses.replace(inner, tol=sizes["loose_tol"], cg_tol=sizes["loose_tol"])))
         for record, step_inner in variants:
             config = bilevel.BilevelConfig(inner=step_inner, record_cg_residual=record, engine="implicit")
