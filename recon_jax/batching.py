@@ -49,6 +49,7 @@ divided by ``recon_jax.memory``'s per-initialisation estimate, times the device 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -156,6 +157,28 @@ def batched_program(init: Callable, run: Callable, finish: Callable, where: Plac
                     out_shardings=out),
         finish=jax.jit(jax.vmap(finish), out_shardings=out),
         placement=where)
+
+
+PROGRAM_CACHE_SIZE = 8
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _cached_program(init: Callable, run: Callable, finish: Callable, where: Placement) -> BatchedProgram:
+    """``batched_program`` for these very function objects and devices, built once per process.
+
+    Calling the same jitted wrappers again lets ``jax.jit`` reuse its traced and compiled
+    programs; fresh wrappers would be traced and lowered anew on every ``run_batched`` call
+    (seconds per call for the bilevel engines, most of a small study cell). Callers that run
+    the same method on the same victim many times (a study's cells) pass the same functions
+    (``recon_jax.reconstruct`` keeps them per victim and spec). The last ``PROGRAM_CACHE_SIZE``
+    programs are kept.
+    """
+    key = (init, run, finish, tuple(d.id for d in where.devices))
+    program = _PROGRAMS.pop(key, None) or batched_program(init, run, finish, where)
+    _PROGRAMS[key] = program
+    while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+        _PROGRAMS.popitem(last=False)
+    return program
 
 
 def available_memory_bytes(devices: int | None = None) -> int:
@@ -415,8 +438,8 @@ def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, s
         atomic_write_json(checkpoint_dir / LAYOUT_FILE, {"n_inits": n_inits, "chunk_size": chunk_size})
         for leftover in temporary_siblings(checkpoint_dir / "chunk_*.npz"):  # from a write a crash cut short
             leftover.unlink(missing_ok=True)
-    segment = max(1, min(int(segment or steps), steps)) if steps else 1
-    program = batched_program(init, run, finish, where)
+    segment = balanced_segment(steps, segment)
+    program = _cached_program(init, run, finish, where)
     n_chunks = math.ceil(n_inits / chunk_size)
     log.info("%d initialisations in %d chunk(s) of %d, sharded over %d %s device(s)", n_inits, n_chunks, chunk_size,
              where.n_devices, where.devices[0].platform)
@@ -433,6 +456,20 @@ def run_batched(init: Callable, run: Callable, finish: Callable, x0, hyper, *, s
     cat = lambda parts: jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
     history = {k: np.concatenate([h[k] for h in histories]) for k in histories[0]}
     return cat(states), history, cat(finals)
+
+
+def balanced_segment(steps: int, segment: int | None) -> int:
+    """The segment length run_batched uses: the same NUMBER of segments as ``segment`` asks for,
+    ⌈steps / segment⌉, made as equal as possible, length ⌈steps / ⌈steps / segment⌉⌉.
+
+    ``run`` is traced and compiled once per distinct segment length (``n_steps`` is a static
+    scan length), so 150 steps at ``segment=100`` run as 75 + 75 (one program) rather than
+    100 + 50 (two). A checkpoint is then written at most ``segment`` steps apart, as asked.
+    """
+    if not steps:
+        return 1
+    segment = max(1, min(int(segment or steps), steps))
+    return math.ceil(steps / math.ceil(steps / segment))
 
 
 def _run_chunks(program: BatchedProgram, x0, hyper, where: Placement, n_inits: int, n_chunks: int, chunk_size: int,

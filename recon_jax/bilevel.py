@@ -1,6 +1,6 @@
 """Bilevel reconstruction (Runkel et al. 2024): find images x whose training yields θ*.
 
-    min_x  l(θ(x), θ*) + R(x)     s.t.  θ(x) ∈ argmin_θ L(θ; x, y)                 (BRIEF §2)
+    min_x  l(θ(x), θ*) + R(x)     s.t.  θ(x) ∈ argmin_θ L(θ; x, y)     (Runkel et al. 2024)
 
 with the outer loss
 
@@ -70,7 +70,7 @@ from recon_jax.objectives import all_finite, squared_norm
 from recon_jax.precision import tree_dtype
 from recon_jax.newton import (LINE_SEARCH_STEPS, conjugate_gradient, conjugate_gradient_to_tolerance, gradient_and_hvp,
                               guarded_newton_step)
-from recon_jax.solvers import InnerConfig, make_argmin
+from recon_jax.solvers import InnerConfig, make_argmin, make_solve
 
 OUTER_LOSSES = ("l2", "cosine")
 OPTIMIZERS = ("adam", "sgd")
@@ -421,10 +421,7 @@ def refresh(config: BilevelConfig, problem: Problem, state: OuterState):
     Returns (state, {"refresh_correction": ‖θ_carried − θ‖/‖θ‖, "refresh_gradients",
     "refresh_hvps"}). A non-finite result leaves the state as it was.
     """
-    argmin = make_argmin(problem.objective, config.inner)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, problem.victim_params)
-    params, info = argmin(state.inner_params, state.images, problem.labels, zeros, state.adjoint)
-    params = jax.tree_util.tree_map(lax.stop_gradient, params)
+    params, info = make_solve(problem.objective, config.inner)(state.inner_params, state.images, problem.labels)
     _, hvp = gradient_and_hvp(problem.objective, params, state.images, problem.labels)
     cotangent = jax.grad(lambda p: parameter_loss(config.outer_loss, p, problem.victim_params))(params)
     inner = config.inner.resolved(tree_dtype(params))
@@ -510,9 +507,7 @@ def run_steps(config: BilevelConfig, problem: Problem, hyper: Hyper, state: Oute
 
 def evaluate(config: BilevelConfig, problem: Problem, state: OuterState) -> dict:
     """l(θ(x), θ*) and the inner figures at the current images (no gradient, no update)."""
-    argmin = make_argmin(problem.objective, config.inner)
-    probe = jax.tree_util.tree_map(jnp.zeros_like, problem.victim_params)
-    params, info = argmin(state.inner_params, state.images, problem.labels, probe, state.adjoint)
+    params, info = make_solve(problem.objective, config.inner)(state.inner_params, state.images, problem.labels)
     return {"outer_loss": parameter_loss(config.outer_loss, params, problem.victim_params),
             "inner_grad_norm": info.grad_norm, "inner_iterations": info.iterations,
             "inner_failed_linesearch": info.failed_linesearch, "diverged": state.diverged}

@@ -3,7 +3,7 @@
 The bilevel method needs θ(x) ∈ argmin_θ L(θ; x, y) as a *differentiable* function of the
 candidate images x. By the implicit function theorem at ∇_θL(θ(x); x) = 0,
 
-    dθ/dx = −H⁻¹ ∂_x∇_θL,      H = ∇²_θL(θ(x); x)                            (BRIEF §2)
+    dθ/dx = −H⁻¹ ∂_x∇_θL,      H = ∇²_θL(θ(x); x)     (Runkel et al. 2024)
 
 so a reverse-mode cotangent g = ∂l/∂θ becomes ∂l/∂x = −(∂_x∇_θL)ᵀ v with v solving the
 adjoint system (H + ρI) v = g by conjugate gradients (H is symmetric: use CG, not the
@@ -126,6 +126,41 @@ def make_argmin(objective: Callable, config: InnerConfig) -> Callable:
                          "cast them with jnp.asarray(images, dtype) to theta's dtype, or theta with "
                          "recon_jax.precision.cast_tree(params, images.dtype)")
         return argmin(fun, config.resolved(tree_dtype(init_params)), init_params, images, labels, probe, adjoint_init)
+
+    return call
+
+
+def make_solve(objective: Callable, config: InnerConfig) -> Callable:
+    """θ(x) WITHOUT a differentiation rule: the same forward solve as ``make_argmin``'s backend.
+
+        solve(init_params, images, labels) -> (params, InnerInfo),   params ≈ argmin_θ L(θ; x, y)
+
+    For callers that only need the solution, never its derivative (the amortized engine's
+    refresh, the final evaluation of a run): it runs the very iterations ``make_argmin`` runs
+    (same solver, same objective L(θ; x) + ⟨0, θ⟩, same stopping rule), but traces no
+    ``custom_vjp``/``custom_root`` rule, whose batching under ``vmap`` was most of the tracing
+    time of a study cell. The output carries no gradient (``lax.stop_gradient``).
+    """
+    fun = probed(objective)
+
+    def call(init_params, images, labels):
+        check_same_dtype("the images", images, init_params,
+                         "cast them with jnp.asarray(images, dtype) to theta's dtype, or theta with "
+                         "recon_jax.precision.cast_tree(params, images.dtype)")
+        resolved = config.resolved(tree_dtype(init_params))
+        probe = jax.tree_util.tree_map(jnp.zeros_like, init_params)
+        images, labels = lax.stop_gradient(images), lax.stop_gradient(labels)
+        if config.backend == "jaxopt":
+            solver = _LBFGS(fun=fun, tol=resolved.tol, maxiter=resolved.maxiter, history_size=resolved.history_size,
+                            jit=True, stop_if_linesearch_fails=True, implicit_diff=False,
+                            unroll=False)  # "auto" would unroll (a masked scan of maxiter steps) without implicit diff
+            params, state = solver.run(init_params, images, labels, probe)
+            failed = state.failed_linesearch & (state.error > resolved.tol)
+            info = InnerInfo(iterations=state.iter_num, grad_norm=state.error, failed_linesearch=failed)
+        else:
+            params, info = lbfgs_minimize(lambda p: fun(p, images, labels, probe), init_params, tol=resolved.tol,
+                                          maxiter=resolved.maxiter, history_size=resolved.history_size)
+        return jax.tree_util.tree_map(lax.stop_gradient, (params, info))
 
     return call
 

@@ -1,6 +1,8 @@
 """Bilevel engine: hypergradients against finite differences and a closed form, backend
 agreement, vmap against a loop, chunking, NaN isolation and resumption."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -316,3 +318,30 @@ def test_auto_engine_is_amortized_for_convex_inner_problems_only(small_run):
     assert bilevel.resolve_engine(auto, problem) == "implicit"
     assert bilevel.resolve_engine(auto, problem.replace(convex=True)) == "amortized"
     assert bilevel.resolve_engine(bilevel.BilevelConfig(engine="implicit"), problem.replace(convex=True)) == "implicit"
+
+
+def test_a_second_run_on_the_same_victim_reuses_the_compiled_program_and_gives_the_same_result(tmp_path):
+    """reconstruct keeps the single-run functions per (victim files, spec up to init/seed/n_inits),
+    so run_batched reuses its jitted programs; a run after another equals the same run alone."""
+    from recon_jax import batching, reconstruct as rec
+    from recon_jax.victim import VictimSpec, train_and_save
+
+    victim = train_and_save(VictimSpec(dataset="digits", n_per_class=1, hidden=()), tmp_path / "victim")
+    first = rec.ReconstructionSpec(method="bilevel", init="gaussian:0.1", n_inits=2, seed=3,
+                                   bilevel=bilevel.BilevelConfig(steps=3, engine="amortized"))
+    second = dataclasses.replace(first, init="gt-noise:0.2", seed=4)
+    rec._FUNCTIONS.clear()
+    batching._PROGRAMS.clear()
+    rec.reconstruct(tmp_path / "victim", tmp_path / "alone", second)
+    alone = np.load(tmp_path / "alone" / "reconstructions.npz")["centered"]
+    rec._FUNCTIONS.clear()
+    batching._PROGRAMS.clear()
+    rec.reconstruct(tmp_path / "victim", tmp_path / "a", first)
+    programs = dict(batching._PROGRAMS)
+    rec.reconstruct(tmp_path / "victim", tmp_path / "b", second)
+    assert len(rec._FUNCTIONS) == 1 and dict(batching._PROGRAMS).keys() == programs.keys()
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / "reconstructions.npz")["centered"], alone)
+    # Another method configuration gets its own functions.
+    rec.reconstruct(tmp_path / "victim", tmp_path / "c", dataclasses.replace(
+        second, bilevel=bilevel.BilevelConfig(steps=4, engine="amortized")))
+    assert len(rec._FUNCTIONS) == 2
