@@ -32,7 +32,10 @@ warm-up call that compiles; every result is ``jax.block_until_ready``-ed before 
     evaluate, compiled once and called K times. Target: vmapped / sequential ≤ 0.5
     (steady state). Diagnostics: the slowest-element penalty of a vmapped while_loop
     (Σ_steps max_k iterations / Σ_steps mean_k iterations), and the vmapped/sequential
-    ratio of a plain gradient and of the inner solve alone.
+    ratio of a plain gradient and of the inner solve alone, and the ceiling: the same ratio for
+    the victim's own matrix products alone (``batched_matmul_ratio``, K batched (N, D) @ (D, C)
+    products and their transposes in a dependent loop). On a CPU whose cores are already busy
+    with one run's products that ceiling is about 1, and no vmapped engine can beat it.
 
 (c) Memory of one hypergradient ∇_x l(θ(x), θ*) with implicit differentiation (the
     library's ``bilevel.hypergradient``, both backends) against unrolled differentiation
@@ -75,7 +78,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from functools import partial
 
@@ -95,6 +97,18 @@ from recon_jax.objectives import make_objective
 from recon_jax.precision import enable_float64
 from recon_jax.solvers import InnerConfig, make_argmin, probed
 from recon_jax.training import TrainConfig, train_victim
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/timing.py
+from timing import (  # noqa: E402
+    Stopwatch,
+    block,
+    load_average,
+    load_text,
+    machine_is_busy,
+    median_paired_difference,
+    median_seconds,
+    timed,
+)
 
 # MNIST comes from the data lookup (RECON_JAX_DATA, a local cache, or tfds): no machine paths here.
 MNIST = os.environ.get("RECON_JAX_BENCH_DATASET", "mnist")
@@ -130,41 +144,6 @@ SIZES = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def block(tree):
-    return jax.block_until_ready(tree)
-
-
-def median_seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of ``fn(*args)`` over ``repeats`` calls, after one warm-up call."""
-    block(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        block(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def median_paired_difference(slow, fast, *args, repeats: int) -> tuple[float, float, float]:
-    """Median of (time of slow(*args) − time of fast(*args)) over interleaved pairs, so that
-    a change of machine load hits both halves of a pair alike. Returns (difference, slow, fast)."""
-    block(slow(*args))
-    block(fast(*args))
-    slow_times, fast_times = [], []
-    for _ in range(repeats):
-        slow_times.append(timed(slow, *args)[1])
-        fast_times.append(timed(fast, *args)[1])
-    difference = statistics.median(a - b for a, b in zip(slow_times, fast_times))
-    return difference, statistics.median(slow_times), statistics.median(fast_times)
-
-
-def timed(fn, *args):
-    """(result, seconds) of one blocked call."""
-    start = time.perf_counter()
-    out = block(fn(*args))
-    return out, time.perf_counter() - start
 
 
 def section(title: str) -> None:
@@ -498,14 +477,13 @@ def benchmark_vmap(sizes: dict) -> dict:
         # this machine, hence the median over a few.
         v_init, v_finish = jax.jit(jax.vmap(init)), jax.jit(jax.vmap(finish))
         v_run = jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)), static_argnums=2)
-        start = time.perf_counter()
-        first_state = block(v_init(x0, hyper))
-        run_compiled = v_run.lower(first_state, hyper, steps, 0).compile()
-        finish_compiled = v_finish.lower(first_state, hyper).compile()
-        vmapped_compile_seconds = time.perf_counter() - start
-        vmapped_seconds = statistics.median(
-            timed(lambda: finish_compiled(run_compiled(v_init(x0, hyper), hyper, 0)[0], hyper))[1]
-            for _ in range(sizes["exec_repeats_b"]))
+        with Stopwatch() as clock:
+            first_state = block(v_init(x0, hyper))
+            run_compiled = v_run.lower(first_state, hyper, steps, 0).compile()
+            finish_compiled = v_finish.lower(first_state, hyper).compile()
+        vmapped_compile_seconds = clock.seconds
+        vmapped_seconds = median_seconds(lambda: finish_compiled(run_compiled(v_init(x0, hyper), hyper, 0)[0], hyper),
+                                         repeats=sizes["exec_repeats_b"], warmup=False)
 
         # Sequential: one single-initialisation program, compiled once, called K times.
         @jax.jit
@@ -517,9 +495,8 @@ def benchmark_vmap(sizes: dict) -> dict:
         _, single_compile_seconds = timed(single, x0[0], one_hyper)
         sequential_times = []
         for _ in range(sizes["exec_repeats_b"]):
-            start = time.perf_counter()
-            sequential = [block(single(x0[i], one_hyper)) for i in range(k)]
-            sequential_times.append(time.perf_counter() - start)
+            sequential, seconds = timed(lambda: [block(single(x0[i], one_hyper)) for i in range(k)])
+            sequential_times.append(seconds)
         sequential_seconds = statistics.median(sequential_times)
 
         # vmap must not change the answer (up to floating-point reassociation).
@@ -560,7 +537,35 @@ def benchmark_vmap(sizes: dict) -> dict:
                   f"inner solve alone (from theta*, at x0) {diagnostics['inner_solve_ratio']:.2f} "
                   f"({diagnostics['inner_solve_vmapped_s']:.2f} s vs {diagnostics['inner_solve_sequential_s']:.2f} s)",
                   flush=True)
+    # The ceiling for any vmapped engine on this machine: the model's own matrix products,
+    # batched over K against K sequential, in a compiled loop whose steps depend on each other.
+    shape = (k, len(labels), int(np.prod(victim["images"].shape[1:])), int(problem.labels.max()) + 1)
+    out["batched_matmul_ratio"] = batched_matmul_ratio(*shape, repeats=sizes["exec_repeats_b"] + 1)
+    print(f"\n  ceiling: K={k} batched matrix products (N, D) @ (D, C) and back, {shape[1:]}, vmapped / "
+          f"sequential = {out['batched_matmul_ratio']:.2f} (a vmapped step cannot do better than its products)",
+          flush=True)
     return out
+
+
+def batched_matmul_ratio(k: int, n: int, d: int, c: int, *, repeats: int, length: int = 200) -> float:
+    """vmapped(K) / sequential(K) time of ``length`` dependent steps  g = Xᵀ tanh(X W),
+    X (N, D), W (D, C): the forward and backward products of a dense layer, the bulk of an
+    affine victim's gradient and Hessian-vector products. The carry feeds every step, so
+    XLA cannot hoist the products out of the loop."""
+    x = jax.random.normal(jax.random.key(0), (k, n, d))
+    w = jax.random.normal(jax.random.key(1), (k, d, c))
+
+    def chain(x, w):
+        def body(carry, _):
+            g = x.T @ jnp.tanh((x + carry * 1e-30) @ w)
+            return carry + 1e-30 * g.sum(), None
+        return lax.scan(body, jnp.zeros((), x.dtype), None, length=length)[0]
+
+    batched, single = jax.jit(jax.vmap(chain)), jax.jit(chain)
+    block(batched(x, w)), block(single(x[0], w[0]))
+    vmapped = median_seconds(batched, x, w, repeats=repeats)
+    sequential = median_seconds(lambda: [block(single(x[i], w[i])) for i in range(k)], repeats=repeats)
+    return vmapped / sequential
 
 
 def vmap_diagnostics(victim: dict, inner: InnerConfig, x0, repeats: int) -> dict:
@@ -677,15 +682,11 @@ def print_memory_row(row: dict, note: str) -> None:
 
 
 def machine() -> dict:
-    return {"cpu_count": os.cpu_count(), "load_average_1_5_15min": list(os.getloadavg()),
+    return {"cpu_count": os.cpu_count(), "load_average_1_5_15min": load_average(),
             "platform": platform.platform(), "python": platform.python_version(),
             "jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
             "jaxopt": importlib.metadata.version("jaxopt"), "optax": importlib.metadata.version("optax"),
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
-
-
-def load_text() -> str:
-    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def summary_rows(results: dict) -> list[tuple[str, float, str, str]]:
@@ -738,7 +739,7 @@ def main(argv=None) -> int:
           f"machine: {info['machine']['cpu_count']} CPUs, {info['machine']['platform']}, jax {jax.__version__} "
           f"({info['machine']['backend']}), jaxopt {info['machine']['jaxopt']}, float64\n"
           f"load average at start (1/5/15 min): {load_text()}", flush=True)
-    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+    if machine_is_busy():
         print("WARNING: other processes are using the CPUs; timings (not memory figures) will be noisy/slow",
               flush=True)
     results: dict = {}
@@ -746,27 +747,27 @@ def main(argv=None) -> int:
 
     if "a" in parts:
         section("(a) one outer step, in units of one full-batch training-loss gradient G")
-        start = time.perf_counter()
         results["a"] = {}
-        for hidden in sizes["hidden_a"]:
-            repeats = sizes["step_repeats_hidden"] if hidden else sizes["step_repeats_affine"]
-            victim = load_victim(sizes["n_per_class_a"], hidden)
-            row = benchmark_step_cost(victim, sizes, repeats)
-            # Stable keys for scripts: a.affine.gradient_equivalents, a.gelu.gradient_equivalents.
-            row["gradient_equivalents"] = row["amortized"]["gradient_equivalents"]
-            results["a"]["gelu" if hidden else "affine"] = row
-        seconds["a"] = time.perf_counter() - start
+        with Stopwatch() as clock:
+            for hidden in sizes["hidden_a"]:
+                repeats = sizes["step_repeats_hidden"] if hidden else sizes["step_repeats_affine"]
+                victim = load_victim(sizes["n_per_class_a"], hidden)
+                row = benchmark_step_cost(victim, sizes, repeats)
+                # Stable keys for scripts: a.affine.gradient_equivalents, a.gelu.gradient_equivalents.
+                row["gradient_equivalents"] = row["amortized"]["gradient_equivalents"]
+                results["a"]["gelu" if hidden else "affine"] = row
+        seconds["a"] = clock.seconds
     if "b" in parts:
         section(f"(b) K={sizes['k_inits']} vmapped initialisations vs {sizes['k_inits']} sequential single runs")
-        start = time.perf_counter()
-        results["b"] = benchmark_vmap(sizes)
-        seconds["b"] = time.perf_counter() - start
+        with Stopwatch() as clock:
+            results["b"] = benchmark_vmap(sizes)
+        seconds["b"] = clock.seconds
     if "c" in parts:
         section("(c) hypergradient memory: implicit vs unrolled differentiation (compiled-program analysis)")
-        start = time.perf_counter()
-        results["c"] = benchmark_memory(sizes)
+        with Stopwatch() as clock:
+            results["c"] = benchmark_memory(sizes)
         results["c"]["iterations"] = list(sizes["iterations_c"])
-        seconds["c"] = time.perf_counter() - start
+        seconds["c"] = clock.seconds
 
     section("summary")
     rows = summary_rows(results)

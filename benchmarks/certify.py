@@ -21,18 +21,21 @@ Data: ``--mnist`` and ``--cifar`` take any dataset name that ``recon-jax dataset
 e.g. ``mnist`` / ``cifar10`` with ``RECON_JAX_DATA`` pointing at a folder holding them, or
 ``idx:PATH`` / ``cifar:PATH``.
 
-    RECON_JAX_DATA=../shared/data python benchmarks/certify.py --problems mnist --repeats 3
-    RECON_JAX_DATA=../shared/data python benchmarks/certify.py --problems cifar --repeats 1
+    RECON_JAX_DATA=/path/to/data python benchmarks/certify.py --problems mnist --repeats 3
+    RECON_JAX_DATA=/path/to/data python benchmarks/certify.py --problems cifar --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
-import time
 import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/timing.py
+from timing import Stopwatch  # noqa: E402
 
 PROBLEMS = {"mnist": 1000, "cifar": 256}  # hidden width of the one-hidden-layer gelu MLP
 
@@ -120,9 +123,9 @@ def main(argv=None) -> int:
     unknown = [p for p in args.problems if p not in PROBLEMS]
     if unknown or args.repeats < 1:
         parser.error(f"--problems takes mnist and/or cifar, got {unknown}" if unknown else "--repeats must be >= 1")
-    start = time.perf_counter()
-    results = run(args)
-    print(f"total {time.perf_counter() - start:.0f} s")
+    with Stopwatch() as clock:
+        results = run(args)
+    print(f"total {clock.seconds:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -59,6 +59,9 @@ jax.config.update("jax_enable_x64", True)
 from recon_jax import batching  # noqa: E402
 from recon_jax.artifacts import atomic_save_npz  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+from timing import block, load_average, load_text, median_seconds  # noqa: E402
+
 HIDDEN_B = 256  # (b)'s victim width: θ has 19k parameters, a checkpoint of 16 runs about 5 MB
 MODES = ("none", "sync-compressed", "sync-uncompressed", "async", "async-device-copy")
 
@@ -143,17 +146,10 @@ def _segment_times(call) -> tuple[list[float], float]:
 def _pieces(init, x0, hyper) -> dict:
     """The parts of one checkpoint, timed alone (median of 3): host copy, uncompressed and
     compressed atomic writes (both fsynced)."""
-    state = jax.block_until_ready(jax.jit(jax.vmap(init))(x0, hyper))
+    state = block(jax.jit(jax.vmap(init))(x0, hyper))
     history = {"mean": np.zeros((len(x0), 1))}
     folder = Path(tempfile.mkdtemp(prefix="ckpt-bench-pieces-"))
-
-    def timed(f):
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
+    timed = lambda f: median_seconds(f, repeats=3, warmup=False)
 
     try:
         arrays = batching._chunk_arrays(state, history, 1)
@@ -259,15 +255,15 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("a", "b"), default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    print(f"load average at start: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
+    print(f"load average at start: {load_text()}; {os.cpu_count()} CPUs; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}; jax {jax.__version__}")
-    out = {"argv": sys.argv[1:], "load_average_start": list(os.getloadavg())}
+    out = {"argv": sys.argv[1:], "load_average_start": load_average()}
     if args.only in (None, "a"):
         out["synthetic"] = part_a(args.state_mb, args.work, args.repeats)
     if args.only in (None, "b"):
         out["reconstruct"] = part_b(args.repeats)
-    out["load_average_end"] = list(os.getloadavg())
-    print(f"load average at end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    out["load_average_end"] = load_average()
+    print(f"load average at end: {load_text()}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -18,7 +18,7 @@ Victims are trained in the script: (i) and (ii) with the library's L-BFGS
 --reduced), and the certificate is printed; (iii) takes θ from 20 L-BFGS steps of the logistic
 loss on 500 images (250 vehicles, 250 animals; 10 with --reduced): a KKT step costs the same
 whatever θ is, so the victim need not be converged. Images are CIFAR-10 (the test split, looked
-up as ``recon-jax datasets`` says, e.g. ``RECON_JAX_DATA=../shared/data``); with ``--synthetic``,
+up as ``recon-jax datasets`` says, e.g. ``RECON_JAX_DATA=/path/to/data``); with ``--synthetic``,
 or when CIFAR-10 is absent, uniform random images of CIFAR's shape (no network is needed).
 
 FLOPs are model FLOPs (matrix multiplies, 2 per multiply-add), derived here:
@@ -71,7 +71,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -90,6 +89,9 @@ from recon_jax.models import MLP, count_params, init_params  # noqa: E402
 from recon_jax.objectives import make_objective  # noqa: E402
 from recon_jax.solvers import InnerConfig, probed  # noqa: E402
 from recon_jax.training import TrainConfig, train_victim  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+from timing import Stopwatch, block, timed  # noqa: E402
 
 CIFAR_SHAPE = (32, 32, 3)
 CASES = ("i", "ii", "iii")
@@ -174,12 +176,11 @@ def images_for(n_per_class: int | None, synthetic: bool, *, binary_n: int | None
 def train(model, images, labels, loss: str, maxiter: int, dtype, weight_decay: float = 1e-3):
     config = TrainConfig(loss=loss, weight_decay=weight_decay, maxiter=maxiter, dtype=jnp.dtype(dtype).name)
     params0 = init_params(model, jax.random.key(0), CIFAR_SHAPE, dtype)
-    start = time.perf_counter()
-    with warnings.catch_warnings():  # the certificate is printed below; KKT victims need none
+    with Stopwatch() as clock, warnings.catch_warnings():  # the certificate is printed below; KKT victims need none
         warnings.simplefilter("ignore")
         params, report = train_victim(model, params0, jnp.asarray(images, dtype), jnp.asarray(labels), config)
     print(f"  victim: {count_params(params):,} parameters, {report.iterations} L-BFGS iterations in "
-          f"{time.perf_counter() - start:.1f} s, ||grad L|| = {report.grad_norm:.2e} (stationary: {report.stationary})",
+          f"{clock.seconds:.1f} s, ||grad L|| = {report.grad_norm:.2e} (stationary: {report.stationary})",
           flush=True)
     return params, report
 
@@ -346,21 +347,17 @@ def run_case(name: str, args) -> dict:
         else a, tree)
     program = batching.batched_program(case.init, case.run, case.finish, where)
     start, hyper = where.put(pad(case.start)), where.put(pad(case.hyper))
-    state = jax.block_until_ready(program.init(start, hyper))
+    state = block(program.init(start, hyper))
     del start
 
-    t0 = time.perf_counter()
-    warm = program.run.lower(state, hyper, case.warm_steps, 0).compile()
-    timed = warm if case.steps == case.warm_steps else program.run.lower(state, hyper, case.steps, 0).compile()
-    compile_seconds = time.perf_counter() - t0
-    static_bytes = memory.compiled_bytes(timed)
+    with Stopwatch() as clock:
+        warm = program.run.lower(state, hyper, case.warm_steps, 0).compile()
+        measured = warm if case.steps == case.warm_steps else program.run.lower(state, hyper, case.steps, 0).compile()
+    compile_seconds = clock.seconds
+    static_bytes = memory.compiled_bytes(measured)
 
-    t0 = time.perf_counter()
-    state, _ = jax.block_until_ready(warm(state, hyper))
-    warm_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    state, history = jax.block_until_ready(timed(state, hyper))
-    seconds = time.perf_counter() - t0
+    (state, _), warm_seconds = timed(warm, state, hyper)
+    (state, history), seconds = timed(measured, state, hyper)
 
     history = {key: np.asarray(v)[: case.k] for key, v in history.items()}
     states = jax.tree_util.tree_map(lambda a: a[: case.k], state)

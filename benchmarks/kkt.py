@@ -36,8 +36,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -47,15 +46,8 @@ from recon_jax import kkt
 from recon_jax.models import MLP, init_params
 from recon_jax.precision import enable_float64
 
-
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/timing.py
+from timing import Stopwatch, load_average, median_seconds  # noqa: E402
 
 
 def bench(dtype, hidden, image_shape, m, runs, repeats) -> dict:
@@ -71,7 +63,7 @@ def bench(dtype, hidden, image_shape, m, runs, repeats) -> dict:
                       alpha=jnp.asarray(300.0, dtype), lambda_min=jnp.asarray(0.05, dtype))
 
     single = jax.jit(lambda h, s: kkt.step(config, problem, h, s)[0])
-    step_seconds = median_seconds(lambda: single(hyper, state), repeats)
+    step_seconds = median_seconds(lambda: single(hyper, state), repeats=repeats)
     flops = kkt.flops_per_step(model, image_shape, m)
     cost = single.lower(hyper, state).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -81,7 +73,7 @@ def bench(dtype, hidden, image_shape, m, runs, repeats) -> dict:
                                          hyper)
     batch_state = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (runs, *jnp.shape(a))), state)
     vmapped = jax.jit(jax.vmap(lambda h, s: kkt.step(config, problem, h, s)[0]))
-    vmapped_seconds = median_seconds(lambda: vmapped(batch_hyper, batch_state), repeats)
+    vmapped_seconds = median_seconds(lambda: vmapped(batch_hyper, batch_state), repeats=repeats)
 
     def sequential():
         out = None
@@ -89,7 +81,7 @@ def bench(dtype, hidden, image_shape, m, runs, repeats) -> dict:
             out = single(jax.tree_util.tree_map(lambda a: a[r], batch_hyper), state)
         return out
 
-    sequential_seconds = median_seconds(sequential, repeats)
+    sequential_seconds = median_seconds(sequential, repeats=repeats)
     return {"dtype": jnp.dtype(dtype).name, "hidden": list(hidden), "image_shape": list(image_shape), "m": m,
             "step_seconds": step_seconds, "flops_per_step": flops, "xla_flops_per_step": xla_flops,
             "gflops_per_second": flops / step_seconds / 1e9, "runs": runs, "vmapped_seconds": vmapped_seconds,
@@ -107,15 +99,17 @@ def main() -> None:
     enable_float64()
     hidden = (256, 256) if args.quick else (1000, 1000)
     m = args.m or (100 if args.quick else 1000)
-    load_start, wall_start, cpu_start = os.getloadavg()[0], time.perf_counter(), time.process_time()
-    results = [bench(dtype, hidden, (32, 32, 3), m, args.runs, args.repeats) for dtype in (jnp.float64, jnp.float32)]
+    load_start = load_average()[0]
+    with Stopwatch() as clock:
+        results = [bench(dtype, hidden, (32, 32, 3), m, args.runs, args.repeats)
+                   for dtype in (jnp.float64, jnp.float32)]
     # CPU seconds this process got per wall second: ≈ the threads XLA uses when the machine
     # is otherwise idle (1.0 pinned to one core, single-threaded); less means other jobs
     # shared the core(s) and every time below is inflated by about that factor.
-    cpu_share = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
+    cpu_share = clock.cpu_seconds / clock.seconds
     print(f"KKT step, D=3072, {'-'.join(map(str, hidden))}-1, m={m}; {len(os.sched_getaffinity(0))} of "
           f"{os.cpu_count()} CPUs usable, jax {jax.__version__} ({jax.default_backend()}), {datetime.date.today()}; "
-          f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f}, CPU seconds per wall second {cpu_share:.2f}")
+          f"load average {load_start:.1f} -> {load_average()[0]:.1f}, CPU seconds per wall second {cpu_share:.2f}")
     print(f"{'dtype':8} {'s/step':>9} {'GFLOP/step':>11} {'XLA GFLOP':>10} {'GFLOP/s':>8} "
           f"{'R':>3} {'vmapped s':>10} {'sequential s':>13} {'ratio':>6}")
     for r in results:

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -49,6 +48,9 @@ from recon_jax.objectives import make_objective  # noqa: E402
 from recon_jax.precision import cast_tree, enable_float64  # noqa: E402
 from recon_jax.solvers import InnerConfig  # noqa: E402
 from recon_jax.training import TrainConfig, train_victim  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+from timing import Stopwatch  # noqa: E402
 
 REFERENCE = InnerConfig(tol=1e-12, cg_tol=1e-12, maxiter=3000, cg_maxiter=2000)
 # (label, dtype, inner tol = CG tol, matmul precision, also run the reconstruction)
@@ -138,13 +140,12 @@ def reconstructions(victim: dict, settings) -> list[dict]:
         prob = problem(victim, dtype)
         hyper = bilevel.Hyper(learning_rate=jnp.full(k, LR, dtype), box_weight=jnp.zeros(k, dtype),
                               tv_weight=jnp.zeros(k, dtype))
-        start = time.perf_counter()
-        with with_precision(precision):
+        with Stopwatch() as clock, with_precision(precision):
             states, history, final = batching.run_batched(
                 lambda x, h: bilevel.init_state(config, prob, x),
                 lambda s, h, n, i=0: bilevel.run_steps(config, prob, h, s, n, i),
                 lambda s, h: bilevel.evaluate(config, prob, s), x0.astype(dtype), hyper, steps=STEPS, segment=STEPS)
-        seconds = time.perf_counter() - start
+        seconds = clock.seconds
         images = np.asarray(states.images, np.float64)
         loss64 = np.asarray(judge(jnp.asarray(images)))
         unit = np.clip(images + victim["mean"], 0.0, 1.0)

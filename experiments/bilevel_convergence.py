@@ -15,14 +15,15 @@ each from ``gt-noise:0.05`` and ``gaussian:0.1``, K initialisations vmapped. It 
 ``OUT/convergence.csv`` (one row per victim × init: min / median / max final relative outer
 loss over K, seconds, and the training-set vs held-out good counts and membership AUC).
 
-Command (MNIST and CIFAR-10 from ../shared/data, offline):
+Command (MNIST and CIFAR-10 from local files in the folder ``RECON_JAX_DATA`` names, offline;
+see docs/data.md):
 
-    RECON_JAX_DATA=../shared/data python experiments/bilevel_convergence.py --out results/convergence
+    RECON_JAX_DATA=/path/to/data python experiments/bilevel_convergence.py --out results/convergence
 
 Runtime on the 2-core development CPU: about 5 minutes for the affine rows with K = 4; the
 gelu rows take about 25 minutes each at K = 2 (the non-convex inner problem needs ~50–100
 L-BFGS iterations per outer step). ``--rows mnist-affine,cifar20-affine`` picks rows.
-Results it gave (2026-11-28) are in the README's "Measured results".
+Results it gave (2026-11-28) are in docs/results.md ("Bilevel convergence").
 """
 
 from __future__ import annotations

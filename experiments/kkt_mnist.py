@@ -1,7 +1,8 @@
-"""Claim tested (issue 4): the KKT attack (Haim et al. 2022, BRIEF §3), started from small-σ
-random candidates, recovers some of the 100 MNIST odd/even training images of a binary MLP
-trained by GD to zero training error (SSIM > 0.4 after the BRIEF §4 protocol), and we count
-how many candidates match a held-out image equally well.
+"""Claim tested (issue 4): the KKT attack (Haim et al. 2022; Buzaglo et al. 2023), started
+from small-σ random candidates, recovers some of the 100 MNIST odd/even training images of a
+binary MLP trained by GD to zero training error (SSIM > 0.4 under the evaluation protocol of
+Haim et al. 2022 / Buzaglo et al. 2023), and we count how many candidates match a held-out
+image equally well.
 
 Result (float64, 2-core CPU, 2026-11-28): reproduced, for a few images, once the attack's box
 prior keeps candidates in the pixel range. Pooling the 800 candidates of 4 vmapped runs:
@@ -11,7 +12,7 @@ prior keeps candidates in the pixel range. Pooling the 800 candidates of 4 vmapp
 | pixel: x + μ ∈ [0, 1] (ours, default) | 92 / 89 | 0.597 | **9** (SSIM 0.60–0.74) | 0.66 | 0.77 |
 | centered: x ∈ [−1, 1] (reference) | 0 / 0 | 0.108 | 22 (SSIM 0.11–0.24) | 0.60 | 0.65 |
 
-(plain-L2 neighbours, BRIEF §4 for MNIST; with the reference code's NCC on ×½ bicubic images
+(plain-L2 neighbours, as that protocol does for MNIST; with the reference code's NCC on ×½ bicubic images
 the pixel box gives 77 / 56 good, 6 above the best held-out SSIM of 0.607, AUC 0.67.)
 ``recovered_pixel.png`` shows them: the nine are the training images themselves (an 8, a 6,
 a 4, a 9, ...), while the best-matched held-out images meet blends of several digits.
@@ -34,7 +35,7 @@ SSIM (0.678, 0.676), SSIM up to 0.79; per-run counts 12, 6, 4, 17; membership AU
 0.983, and the attack's 0.982: the second layer keeps its init (‖W₂‖² = 1013 of
 ‖θ*‖² = 1036), which no combination of margin gradients explains, so the global residual
 measures that init, while the first layer and the output weights carry the images. The
-figure in the README (``docs/kkt_mnist_recovered_pixel.png``) is this run. Rerun from a fresh
+figure in docs/kkt.md (``docs/kkt_mnist_recovered_pixel.png``) is this run. Rerun from a fresh
 clone it reproduced every figure above.
 
 How to read the counts. On MNIST the 0.4 threshold carries no evidence: a 3×3 SSIM is
@@ -61,9 +62,10 @@ Setting, a CPU-sized version of the reference (the reference setting in parenthe
   4 runs in one vmapped program: α ∈ {25, 50} × 2 initial draws. Reference: lr_λ = 1e-4, 50k
   steps, a random search over (lr, σ, α, λ_min); the reference's MNIST run used lr 0.03,
   σ 0.035, α 150, λ_min 0.447.
-- evaluation: BRIEF §4 against the 100 training images and a 100-image held-out pool of the
-  same classes, plain-L2 and NCC-×½ nearest neighbours (``recon-jax evaluate --plain-l2``
-  writes the plain-L2 files into the run folder).
+- evaluation: the protocol of Haim et al. 2022 / Buzaglo et al. 2023 against the 100
+  training images and a 100-image held-out pool of the same classes, plain-L2 and NCC-×½
+  nearest neighbours (``recon-jax evaluate --plain-l2`` writes the plain-L2 files into the
+  run folder).
 
 How far θ* is from a KKT point of its own training set: ``landscape.profiled_stationarity`` at
 the true images, min over λ of ‖θ* − (1/N) Σ_j λ_j y_j ∇_θΦ(x_j)‖ / ‖θ*‖, is 0.275 through the
@@ -97,10 +99,11 @@ against 0 for every held-out image):
   6·785 numbers against 78,400 unknowns, and the attack fits it (residual 0.05) with
   candidates that are not digits: 0 recovered.
 
-Command (MNIST from ../shared/data, offline):
+Command (MNIST from local files in the folder ``RECON_JAX_DATA`` names, offline; see
+docs/data.md):
 
-    RECON_JAX_DATA=../shared/data python experiments/kkt_mnist.py --out results/kkt_mnist
-    RECON_JAX_DATA=../shared/data python experiments/kkt_mnist.py --out results/kkt_mnist --box centered
+    RECON_JAX_DATA=/path/to/data python experiments/kkt_mnist.py --out results/kkt_mnist
+    RECON_JAX_DATA=/path/to/data python experiments/kkt_mnist.py --out results/kkt_mnist --box centered
 
 The same thing through the command line:
 
@@ -137,7 +140,7 @@ import numpy as np
 
 from recon_jax import checkpoint, figures, kkt, landscape, metrics
 from recon_jax.artifacts import atomic_write_bytes, atomic_write_json
-from recon_jax.evaluation import evaluate_run
+from recon_jax.evaluation import evaluate_reconstructions, evaluate_run
 from recon_jax.precision import enable_float64
 from recon_jax.reconstruct import ReconstructionSpec, reconstruct, sorted_ground_truth
 from recon_jax.training import TrainConfig
@@ -181,9 +184,9 @@ def truth_residual(victim: checkpoint.Victim, truth: dict, alpha: float | None) 
 
 
 def judge(candidates: np.ndarray, truth: dict, plain_l2: bool) -> dict:
-    """BRIEF §4 against the training set and the held-out pool (plain-L2 or NCC-x1/2 neighbours)."""
-    return metrics.evaluate_reconstructions(candidates, truth["train_images"], truth["heldout_images"], truth["mean"],
-                                            downsample=not plain_l2, standardise=not plain_l2, best_ssim=False)
+    """The Haim et al. 2022 / Buzaglo et al. 2023 protocol against the training set and the held-out pool (plain-L2 or NCC-x1/2 neighbours)."""
+    return evaluate_reconstructions(candidates, truth["train_images"], truth["heldout_images"], truth["mean"],
+                                    downsample=not plain_l2, standardise=not plain_l2, best_ssim=False)
 
 
 def scalars(result: dict) -> dict:
@@ -304,7 +307,7 @@ def main() -> None:
         ("seconds train / residual / attack / evaluate",
          " / ".join(f"{seconds[k]:.0f}" for k in ("train", "truth_residual", "attack", "evaluate")), ""),
     ]
-    table = ("| quantity | plain-L2 neighbours (BRIEF §4, MNIST) | NCC on x1/2 bicubic (reference code) |\n"
+    table = ("| quantity | plain-L2 neighbours (Haim et al. 2022, MNIST) | NCC on x1/2 bicubic (reference code) |\n"
              "|---|---|---|\n" + "".join(f"| {k} | {v} | {w} |\n" for k, v, w in rows))
     atomic_write_bytes(out / f"summary_{args.box}.md", table.encode())
     print(table)

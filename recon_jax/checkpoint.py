@@ -41,7 +41,7 @@ class Victim:
     """A released network as the attacker sees it: θ*, architecture and training recipe.
 
     ``label_counts[c]`` is how many training images have label c (labels are taken as known
-    and class-balanced, BRIEF §2); it is metadata, not the images.
+    and class-balanced, as in Runkel et al. 2024); it is metadata, not the images.
     """
 
     model: MLP

@@ -1,4 +1,4 @@
-"""KKT / stationarity reconstruction (Haim et al. 2022; DecoReco, Buzaglo et al. 2023; BRIEF §3).
+"""KKT / stationarity reconstruction (Haim et al. 2022; DecoReco, Buzaglo et al. 2023).
 
 A network trained by gradient methods tends to a KKT point of margin maximisation (or,
 with weight decay, to a stationary point of the regularised loss), so that
@@ -36,8 +36,9 @@ The box [l, u] (``KKTConfig.box``), per pixel, in the attack's mean-subtracted s
 victim folder releases it with θ* (``preprocessing.npz``), as any deployed model ships its
 input normalisation. It is our addition, not the reference's. On MNIST it matters: the
 centered box lets candidates settle at ±1 inside the digit, i.e. far outside [0, 1] once μ
-is added back, and the min-max scaling of the BRIEF §4 protocol then lifts the black
-background and SSIM collapses (``experiments/kkt_mnist.py`` measures both).
+is added back, and the min-max scaling of the evaluation protocol (Haim et al. 2022; Buzaglo
+et al. 2023) then lifts the black background and SSIM collapses (``experiments/kkt_mnist.py``
+measures both).
 
 The stationarity term S (``KKTConfig.stationarity``):
 
@@ -100,6 +101,7 @@ from recon_jax.errors import ConfigError
 from recon_jax.models import MLP
 from recon_jax.objectives import all_finite, signed_labels, squared_norm
 from recon_jax.precision import check_same_dtype
+from recon_jax.search import resolve_ranges
 
 if TYPE_CHECKING:
     from recon_jax.checkpoint import Victim
@@ -412,29 +414,6 @@ def initial_lambdas(key: jax.Array, m: int, task: str, n_outputs: int = 1, dtype
 
 SEARCH_RANGES = {"lr": LR_X_RANGE, "init_scale": INIT_SCALE_RANGE, "alpha": ALPHA_RANGE,
                  "lambda_min": LAMBDA_MIN_RANGE}
-
-
-def resolve_ranges(overrides: dict | None, defaults: dict, positive: dict, what: str = "") -> dict:
-    """``defaults`` {name: (lo, hi)} with ``overrides`` applied, each checked before any work.
-
-    A range is two finite numbers lo <= hi (lo == hi fixes the value); a name in ``positive``
-    also needs lo > 0, and its value there says why (e.g. "log-uniform"). ``what`` names the
-    search in the error for an unknown name (e.g. "bilevel ").
-    """
-    ranges = dict(defaults)
-    for name, bounds in (overrides or {}).items():
-        if name not in defaults:
-            raise ConfigError(f"unknown {what}search range {name!r}; choose among {', '.join(defaults)}")
-        try:
-            lo, hi = (float(b) for b in bounds)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"search range {name} must be two numbers lo, hi; got {bounds!r}") from err
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-            raise ConfigError(f"search range {name} must have finite lo <= hi, got ({lo}, {hi})")
-        if name in positive and lo <= 0:
-            raise ConfigError(f"search range {name} is {positive[name]} and needs lo > 0, got ({lo}, {hi})")
-        ranges[name] = (lo, hi)
-    return ranges
 
 
 def search_ranges(overrides: dict | None = None) -> dict[str, tuple[float, float]]:

@@ -1,4 +1,4 @@
-"""Energy landscapes of the two reconstruction objectives (Runkel et al. 2024, BRIEF §1 point 4).
+"""Energy landscapes of the two reconstruction objectives (Runkel et al. 2024: many minima).
 
 Both attacks optimise mean-subtracted candidate images x (m, h, w, c). To look at their
 landscapes we need each objective as a function of x *alone*:
@@ -10,24 +10,30 @@ Then :func:`slice_1d` evaluates f along the segment from one point to another (e
 reconstruction to the ground truth) and :func:`slice_2d` on the plane through three points,
 each as one compiled, vmapped call. A barrier between a reconstruction and the ground truth,
 or a second basin in the plane, is the "many local minima" the paper reports.
-:func:`distinct_minima_report` counts distinct near-best reconstructions among K runs,
+:func:`distinct_minima` counts distinct near-best reconstructions among K runs, given each
+run's objective value (e.g. its final loss); :func:`distinct_minima_report` does the same,
 judging them all by the same x-only objective.
 
-Functions here are pure jax: f is jit- and vmap-able and differentiable in x (bilevel by
-implicit differentiation, kkt through the linear solve).
+The objectives and slices are pure jax: f is jit- and vmap-able and differentiable in x
+(bilevel by implicit differentiation, kkt through the linear solve). Counting minima is
+host-side numpy/scipy (set distances by NCC, ``recon_jax.metrics``; Hungarian matching).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy.optimize import linear_sum_assignment
 
-from recon_jax import bilevel, kkt, metrics
-from recon_jax.errors import ConfigError
+from recon_jax import bilevel, kkt
+from recon_jax.errors import ConfigError, DataError
+from recon_jax.metrics.neighbours import mean_squared_distances, ncc_features
+from recon_jax.problems import default_kkt_task, problem_from_victim
 from recon_jax.solvers import make_argmin
 
 if TYPE_CHECKING:
@@ -181,16 +187,12 @@ def objective_function(victim: Victim, method: str, *, labels=None,
     comes from ``kkt_hyper`` (default 300) for relu victims.
     """
     if method == "bilevel":
-        from recon_jax.reconstruct import problem_from_victim  # reconstruct imports much; load it lazily
-
         problem = problem_from_victim(victim)
         if labels is not None:
             problem = problem.replace(labels=jnp.asarray(labels))
         return bilevel_objective(problem, bilevel_config)
     if method == "kkt":
         if kkt_config is None:
-            from recon_jax.reconstruct import default_kkt_task
-
             kkt_config = kkt.KKTConfig(task=default_kkt_task(victim.train_config.loss, victim.train_config.weight_decay))
         task = kkt_config.task
         if labels is not None or task == "regression":
@@ -358,22 +360,115 @@ def slice_2d(f: Callable, origin, a, b, n: int = 11, extend: float = 0.25, *,
 # ---------------------------------------------------------------------------------------
 
 
+class DistinctMinima(NamedTuple):
+    count: int
+    """How many pairwise-distinct reconstructions there are among the near-best runs."""
+    candidates: NDArray[np.int64]
+    """Run indices with objective ≤ best + objective_tol, best objective first."""
+    representatives: NDArray[np.int64]
+    """The run index of each distinct minimum (``count`` of them), in candidate order."""
+    assignment: NDArray[np.int64]
+    """``(len(candidates),)``: for each candidate, the run index of its representative."""
+    distances: NDArray[np.float64]
+    """``(len(candidates), len(candidates))``: the set distance between candidate runs."""
+
+
+def distinct_minima(
+    images: ArrayLike,
+    objective_values: ArrayLike,
+    objective_tol: float,
+    distance_threshold: float,
+    *,
+    metric: str = "ncc",
+    downsample: bool = False,
+    match: bool = True,
+) -> DistinctMinima:
+    """Count distinct local minima among near-best reconstructions from K initialisations.
+
+    Definition. Runs whose objective is within ``objective_tol`` of the best,
+    f_k ≤ min_j f_j + tol (NaN objectives excluded), are the candidates: they reach
+    (numerically) equally good minima. The distance between two candidate runs k, l, each a
+    set of n images, is
+
+        Δ(k, l) = min_π (1/n) Σ_i d(x_{k,i}, x_{l,π(i)})     (``match=True``)
+        Δ(k, l) = (1/n) Σ_i d(x_{k,i}, x_{l,i})               (``match=False``)
+
+    with d the per-image distance of ``metrics.ncc_distances`` (``metric="ncc"``: 2(1 − ρ̄), in
+    [0, 4]; ``metric="l2"``: mean squared pixel difference). Matching over permutations π
+    (Hungarian) is the default because the objectives are invariant to permuting candidate
+    images that share a label, so a permuted copy of the same set is the same minimum.
+    Greedy clustering then walks the candidates from the best objective down; a candidate
+    whose Δ to every representative so far exceeds ``distance_threshold`` becomes a new
+    representative, otherwise it joins its closest representative. ``count`` is the number
+    of representatives.
+
+    Args:
+      images: ``(K, n, h, w, c)`` reconstructions (mean-subtracted or not: NCC does not mind).
+      objective_values: ``(K,)`` final objective of each run (lower is better).
+    """
+    images = np.asarray(images, dtype=np.float64)
+    objective_values = np.asarray(objective_values, dtype=np.float64).ravel()
+    if images.ndim != 5 or images.shape[0] != objective_values.shape[0]:
+        raise DataError(
+            f"expected images (K, n, h, w, c) and objective_values (K,), got {images.shape} and {objective_values.shape}")
+    if metric not in ("ncc", "l2"):
+        raise ConfigError(f"unknown metric {metric!r}; choose 'ncc' or 'l2'")
+    finite = ~np.isnan(objective_values)
+    if not finite.any():
+        raise DataError("every objective value is NaN")
+    best = np.min(objective_values[finite])
+    within = finite & (objective_values <= best + objective_tol)
+    candidates = np.flatnonzero(within)
+    candidates = candidates[np.argsort(objective_values[candidates], kind="stable")]
+    n_images = images.shape[1]
+    features = ncc_features(images[candidates].reshape(-1, *images.shape[2:]), downsample, metric == "ncc")
+    features = features.reshape(len(candidates), n_images, -1)
+    set_distances = np.zeros((len(candidates), len(candidates)))
+    for a in range(len(candidates)):
+        for b in range(a + 1, len(candidates)):
+            per_image = mean_squared_distances(features[a], features[b])
+            if match:
+                rows, cols = linear_sum_assignment(per_image)
+                value = per_image[rows, cols].mean()
+            else:
+                value = np.trace(per_image) / n_images
+            set_distances[a, b] = set_distances[b, a] = value
+    representatives: list[int] = []  # positions in `candidates`
+    assignment = np.empty(len(candidates), np.int64)
+    for position in range(len(candidates)):
+        if representatives:
+            gaps = set_distances[position, representatives]
+            closest = int(np.argmin(gaps))
+            if gaps[closest] <= distance_threshold:
+                assignment[position] = candidates[representatives[closest]]
+                continue
+        representatives.append(position)
+        assignment[position] = candidates[position]
+    return DistinctMinima(
+        count=len(representatives),
+        candidates=candidates,
+        representatives=candidates[representatives],
+        assignment=assignment,
+        distances=set_distances,
+    )
+
+
 def distinct_minima_report(f: Callable, images, *, objective_tol: float, distance_threshold: float,
                            batch_size: int | None = None, **options) -> dict:
-    """``metrics.distinct_minima`` over K runs, each judged by the same x-only objective f.
+    """:func:`distinct_minima` over K runs, each judged by the same x-only objective f.
 
     A run's own final loss is not comparable across methods (L_KKT depends on its λ and
     penalties; the bilevel loss on its last inner solve). Here f(x_k) is recomputed for
     every run's images x_k (K, m, h, w, c) in one compiled call, then runs with
     f(x_k) ≤ min_l f(x_l) + objective_tol are clustered by set distance (see
-    ``metrics.distinct_minima``; ``options``: metric, downsample, match).
+    :func:`distinct_minima`; ``options``: metric, downsample, match).
 
     Returns a dict: objective_values (K,), and count, candidates, representatives,
-    assignment, distances from ``metrics.DistinctMinima``.
+    assignment, distances from :class:`DistinctMinima`.
     """
     images = jnp.asarray(images)
     if images.ndim != 5:
         raise ConfigError(f"images must be K runs of image sets (K, m, h, w, c), got shape {tuple(images.shape)}")
     values = _evaluate(f, images, batch_size)
-    result = metrics.distinct_minima(np.asarray(images), values, objective_tol, distance_threshold, **options)
+    result = distinct_minima(np.asarray(images), values, objective_tol, distance_threshold, **options)
     return {"objective_values": values, **result._asdict()}

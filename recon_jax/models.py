@@ -38,7 +38,7 @@ from recon_jax.errors import ConfigError
 
 ACTIVATIONS = ("relu", "gelu", "softplus", "tanh")
 SMOOTH_ACTIVATIONS = ("gelu", "softplus", "tanh")
-# Only for the attacked copy of a relu network (KKT attack, BRIEF §3); never for training.
+# Only for the attacked copy of a relu network (KKT attack, Haim et al. 2022); never for training.
 ATTACK_ACTIVATIONS = ("modified_relu",)
 
 

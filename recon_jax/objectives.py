@@ -1,6 +1,6 @@
 """Training objectives with weight decay: the victim's loss and the bilevel inner problem.
 
-    L(θ; x, y) = (1/N) Σ_i ℓ(𝒩(θ; x_i), y_i) + (λ_wd / 2) ‖θ‖²                  (BRIEF §2)
+    L(θ; x, y) = (1/N) Σ_i ℓ(𝒩(θ; x_i), y_i) + (λ_wd / 2) ‖θ‖²     (Runkel et al. 2024)
 
 with ℓ one of
 

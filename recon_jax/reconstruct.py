@@ -40,8 +40,10 @@ with the training mean, and the initialisations that the paper studies as oracle
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -59,27 +61,12 @@ from recon_jax.batching import auto_chunk_size, check_fits, run_batched, select_
 from recon_jax.errors import ConfigError
 from recon_jax.initialisation import initial_images, parse_init
 from recon_jax.models import count_params
-from recon_jax.objectives import make_objective
 from recon_jax.precision import default_tolerances, resolve_dtype
+from recon_jax.problems import default_kkt_task, problem_from_victim
+from recon_jax.search import resolve_ranges
 
 log = logging.getLogger(__name__)
 METHODS = ("bilevel", "kkt")
-KKT_TASK_OF_LOSS = {"logistic": "binary", "ce": "multiclass", "mse": "regression"}
-
-
-def default_kkt_task(loss: str, weight_decay: float) -> str:
-    """The KKT setting (BRIEF §3) that holds EXACTLY at the victim's trained θ*.
-
-    logistic -> binary (θ* = Σ μ_j y_j ∇Φ_j with μ_j ≥ 0, with or without weight decay);
-    mse -> regression; ce -> multiclass (the margin form of the max-margin KKT point) without
-    weight decay, but regression with it: at a stationary point of mean CE + λ/2‖θ‖²,
-    θ* = Σ_j Σ_c (y_jc − p_jc)/(nλ) ∇Φ_c(x_j), a signed combination of every output's gradient
-    that the margin form cannot express (its residual at the true images is far from 0).
-    """
-    if loss == "ce" and weight_decay > 0:
-        return "regression"
-    return KKT_TASK_OF_LOSS[loss]
-
 
 BILEVEL_LR_RANGE = (1e-3, 1e-1)  # random search for bilevel sweeps: log-uniform learning rate
 BILEVEL_INIT_SCALE_RANGE = (1e-3, 0.3)  # and log-uniform gaussian init scale
@@ -175,15 +162,6 @@ class Program:
     fixed_bytes: int = 0  # device memory shared by all runs on a device (θ*), see recon_jax.memory
 
 
-def problem_from_victim(victim: checkpoint.Victim) -> bilevel.Problem:
-    """The attacker's view: θ*, known class-balanced labels, and the victim's training objective."""
-    objective = make_objective(victim.model.apply, victim.train_config.loss, victim.train_config.weight_decay)
-    # An affine victim's training loss (ce, logistic or mse) plus weight decay is strongly convex in θ.
-    convex = not victim.model.hidden and victim.train_config.weight_decay > 0
-    return bilevel.Problem(victim_params=victim.params, labels=jnp.asarray(victim.known_labels()),
-                           objective=objective, convex=convex)
-
-
 def bytes_per_init(victim: checkpoint.Victim, config: bilevel.BilevelConfig, itemsize: int, segment: int = 100) -> int:
     """Device bytes of one bilevel run (``recon_jax.memory.for_bilevel``: L-BFGS history, other
     θ-sized vectors, images and optimiser moments, activations, history records)."""
@@ -222,8 +200,8 @@ def _starting_images(spec, labels, victim, truth, dtype, n_settings, init_scale)
 
 def _bilevel_search_ranges(overrides: dict | None) -> dict:
     """The bilevel random search's (lr, init_scale) ranges, both log-uniform, with ``overrides``."""
-    return kkt.resolve_ranges(overrides, {"lr": BILEVEL_LR_RANGE, "init_scale": BILEVEL_INIT_SCALE_RANGE},
-                              {"lr": "log-uniform", "init_scale": "log-uniform"}, what="bilevel ")
+    return resolve_ranges(overrides, {"lr": BILEVEL_LR_RANGE, "init_scale": BILEVEL_INIT_SCALE_RANGE},
+                          {"lr": "log-uniform", "init_scale": "log-uniform"}, what="bilevel ")
 
 
 def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
@@ -379,6 +357,29 @@ def run_identity(victim_dir: str | os.PathLike, spec: ReconstructionSpec) -> dic
                            **{k: v for k, v in spec.to_json().items() if k != "devices"}})
 
 
+FUNCTION_CACHE_SIZE = 8
+_FUNCTIONS: collections.OrderedDict = collections.OrderedDict()
+DATA_FIELDS = ("init", "seed", "n_inits")
+"""Spec fields that only change a run's inputs (the starting images), never its single-run functions."""
+
+
+def _reuse_functions(program: Program, victim_dir, spec: ReconstructionSpec, dtype) -> None:
+    """Give ``program`` the single-run functions of an earlier run with the same victim (same
+    folder and files) and the same spec up to ``DATA_FIELDS``, so that ``run_batched`` reuses
+    that run's traced and compiled programs (``recon_jax.batching``): a study's cells differ
+    only in their initialisations. The functions are equal by construction (built from equal
+    configs and the same victim files), so results are unchanged (tested)."""
+    folder = Path(victim_dir).resolve()
+    files = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    identity = {k: v for k, v in run_identity(victim_dir, spec).items() if k not in DATA_FIELDS}
+    key = json.dumps([identity, files, np.dtype(dtype).name], sort_keys=True, default=str)
+    functions = _FUNCTIONS.pop(key, None) or (program.init, program.run, program.finish)
+    _FUNCTIONS[key] = functions
+    while len(_FUNCTIONS) > FUNCTION_CACHE_SIZE:
+        _FUNCTIONS.popitem(last=False)
+    program.init, program.run, program.finish = functions
+
+
 def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec: ReconstructionSpec, *,
                 overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """Run ``spec`` against the victim in ``victim_dir`` and write ``out_dir`` (see module doc).
@@ -414,6 +415,7 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     if dtype_note:
         log.warning("%s", dtype_note)
     program = build(run_spec, victim, truth, dtype)
+    _reuse_functions(program, victim_dir, run_spec, dtype)
     if np.asarray(program.init_centered).dtype != dtype:
         raise ConfigError(f"internal: the initial images are {np.asarray(program.init_centered).dtype} in a "
                           f"{dtype.name} run; please report this")

@@ -2,7 +2,7 @@
 
     θ* ∈ argmin_θ L(θ; x, y) = (1/N) Σ_i ℓ(𝒩(θ; x_i), y_i) + (λ_wd/2) ‖θ‖²
 
-The bilevel attack (BRIEF §2) rests on ∇_θL(θ*; x_true) = 0: only then is θ* the argmin of
+The bilevel attack (Runkel et al. 2024) rests on ∇_θL(θ*; x_true) = 0: only then is θ* the argmin of
 the inner problem at the true images, and only then does warm-starting the inner solver
 from θ* make sense. So a victim is *certified* stationary only when the final
 ‖∇_θL(θ*)‖₂, recomputed after training, is at most ``certify_tol`` (default 1e-8 in

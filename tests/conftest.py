@@ -1,7 +1,8 @@
 """Shared test fixtures.
 
-Tests that need real data outside the repository (``../shared/data``, or the Debian
-package ``dataset-fashion-mnist``) skip with a reason when it is absent, except under CI
+Tests that need real data outside the repository (the MNIST and CIFAR-10 test splits in the
+folder named by ``$RECON_JAX_SHARED_DATA``, laid out as ``docs/data.md`` describes, or the
+Debian package ``dataset-fashion-mnist``) skip with a reason when it is absent, except under CI
 (``$CI`` set), where missing data is a failure: CI must never go green by skipping.
 """
 
@@ -24,13 +25,13 @@ jax.config.update("jax_compilation_cache_dir", os.environ.get(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 SHARED_DATA_ENV = "RECON_JAX_SHARED_DATA"
-"""Overrides where the shared real data lives (default: ``../shared/data`` from the repo)."""
+"""Names the real-data folder of the tests (``mnist/`` IDX files, ``cifar10_test.npz``); unset, they skip."""
 
 
-def shared_data_dir() -> Path:
-    """``$RECON_JAX_SHARED_DATA``, else ``<repo>/../shared/data``."""
-    override = os.environ.get(SHARED_DATA_ENV)
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
+def shared_data_dir() -> Path | None:
+    """``$RECON_JAX_SHARED_DATA``, or None when it is not set."""
+    folder = os.environ.get(SHARED_DATA_ENV)
+    return Path(folder) if folder else None
 
 
 def _require_path(path: str | os.PathLike, why: str = "") -> Path:
@@ -52,4 +53,10 @@ def require_path() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real-data folder; skips (fails under $CI) if it is absent."""
-    return _require_path(shared_data_dir(), f"shared real data; set {SHARED_DATA_ENV} to relocate it")
+    folder = shared_data_dir()
+    if folder is None:
+        message = f"needs real data: set {SHARED_DATA_ENV} to the folder holding mnist/ and cifar10_test.npz"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must provide it", pytrace=False)
+        pytest.skip(message)
+    return _require_path(folder, f"shared real data named by {SHARED_DATA_ENV}")

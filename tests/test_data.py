@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import recon_jax.data
+import recon_jax.data.lookup
 
 from recon_jax.data import (
     CIFAR10_CLASSES,
@@ -69,7 +69,7 @@ def digits() -> ImageSet:
 @pytest.fixture
 def isolated_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Empty $RECON_JAX_DATA, ~/.cache and system roots, and no $TFDS_DATA_DIR."""
-    monkeypatch.setattr(recon_jax.data, "SYSTEM_DATA_ROOT", tmp_path / "system")
+    monkeypatch.setattr(recon_jax.data.lookup, "SYSTEM_DATA_ROOT", tmp_path / "system")
     monkeypatch.setenv("RECON_JAX_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
@@ -116,7 +116,7 @@ def test_idx_reads_fashion_mnist_train_with_its_class_names(fashion_dir: Path) -
 def test_fashion_mnist_by_name_falls_through_to_usr_share(
     isolated_roots: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(recon_jax.data, "SYSTEM_DATA_ROOT", fashion_dir.parent)  # the real /usr/share/datasets
+    monkeypatch.setattr(recon_jax.data.lookup, "SYSTEM_DATA_ROOT", fashion_dir.parent)  # the real /usr/share/datasets
     fashion = load_dataset("fashion_mnist", split="test")
     assert len(fashion) == 10000 and fashion.class_names == FASHION_MNIST_CLASSES
     assert fashion.provenance["path"] == str(fashion_dir.resolve())

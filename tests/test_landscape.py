@@ -188,6 +188,24 @@ def test_objective_function_unknown_method(trained):
         landscape.objective_function(trained[0], "gradient-inversion")
 
 
+def test_distinct_minima_counts_near_best_distinct_sets():
+    rng = np.random.default_rng(8)
+    base, other, worse = rng.random((3, 3, 8, 8, 1))
+    runs = np.stack([base, base[[2, 0, 1]], other, worse])  # run 1 = run 0 with images permuted
+    objective = np.array([1.0, 1.0, 1.0, 5.0])
+    found = landscape.distinct_minima(runs, objective, objective_tol=1e-6, distance_threshold=0.1)
+    assert found.count == 2
+    np.testing.assert_array_equal(found.candidates, [0, 1, 2])  # run 3 (worse objective) excluded
+    np.testing.assert_array_equal(found.representatives, [0, 2])
+    np.testing.assert_array_equal(found.assignment, [0, 0, 2])
+    assert found.distances.shape == (3, 3) and found.distances[0, 1] == 0.0 and found.distances[0, 2] > 1.0
+    # Without matching, the permuted copy looks like a third minimum.
+    assert landscape.distinct_minima(runs, objective, 1e-6, 0.1, match=False).count == 3
+    # A tolerance that admits run 3 adds it as a third distinct set (plain L2: mean squared
+    # difference of independent U[0,1] pixels is about 1/6).
+    assert landscape.distinct_minima(runs, objective, 10.0, 0.05, metric="l2").count == 3
+
+
 def test_distinct_minima_report_uses_the_x_only_objective(trained, bilevel_f):
     """Two runs at the truth (one with same-class images swapped: the same minimum) and one
     far off: one distinct minimum among the near-best, the far run excluded by its objective."""

@@ -7,6 +7,8 @@ with that window rebuilt in float64 kornia's code gives our value to 1e-16.
 """
 
 import math
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from sklearn.datasets import load_digits
 
 from recon_jax import metrics
 from recon_jax.errors import ConfigError, DataError
+from recon_jax.evaluation import evaluate_reconstructions
 
 C1, C2, EPS = 1e-4, 9e-4, 1e-12  # (0.01 L)², (0.03 L)², kornia's eps; L = 1
 
@@ -163,6 +166,23 @@ def test_parameter_mismatch():
     assert float(metrics.parameter_mismatch(victim, victim)) == 0.0
 
 
+def test_parameter_mismatch_is_the_bilevel_outer_loss():
+    # metrics computes it without importing the attack; the two must stay the same quantity.
+    from recon_jax import bilevel
+
+    rng = np.random.default_rng(3)
+    victim = {"w": jnp.asarray(rng.standard_normal((5, 3))), "b": jnp.asarray(rng.standard_normal(3))}
+    params = {"w": jnp.asarray(rng.standard_normal((5, 3))), "b": jnp.asarray(rng.standard_normal(3))}
+    assert float(metrics.parameter_mismatch(params, victim)) == float(bilevel.parameter_loss("l2", params, victim))
+
+
+def test_importing_metrics_and_data_leaves_out_the_attacks():
+    code = ("import sys, recon_jax.metrics, recon_jax.data; "
+            "loaded = {'recon_jax.bilevel', 'recon_jax.solvers', 'jaxopt'} & set(sys.modules); "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # --- NCC and matching -----------------------------------------------------------------------
 
 
@@ -295,7 +315,7 @@ def digits():
 
 def test_evaluate_perfect_train_reconstructions(digits):
     train, held, mean = digits
-    result = metrics.evaluate_reconstructions(train - mean, train, held, mean)
+    result = evaluate_reconstructions(train - mean, train, held, mean)
     np.testing.assert_array_equal(result["train_nearest_reconstruction"], np.arange(20))
     np.testing.assert_array_equal(result["train_nearest_distance"], 0.0)
     np.testing.assert_allclose(result["train_ssim"], 1.0, atol=1e-4)
@@ -320,7 +340,7 @@ def test_evaluate_perfect_train_reconstructions(digits):
 
 def test_evaluate_heldout_reconstructions_is_the_mirror(digits):
     train, held, mean = digits
-    result = metrics.evaluate_reconstructions(held - mean, train, held, mean)
+    result = evaluate_reconstructions(held - mean, train, held, mean)
     np.testing.assert_allclose(result["heldout_ssim"], 1.0, atol=1e-4)
     assert result["heldout_good_count"] == 20 and result["train_good_count"] < 20
     assert result["membership_auc_distance"] == 0.0
@@ -334,7 +354,7 @@ def test_evaluate_union_of_both_pools_gives_no_evidence(digits):
     # reconstruction at distance exactly 0, so distance-based membership is exactly 0.5.
     train, held, mean = digits
     runs = np.stack([train - mean, held - mean])  # (K=2, n, h, w, c)
-    result = metrics.evaluate_reconstructions(runs, train, held, mean, downsample=False, standardise=False)
+    result = evaluate_reconstructions(runs, train, held, mean, downsample=False, standardise=False)
     assert result["n_reconstructions"] == 40
     np.testing.assert_array_equal(result["heldout_nearest_reconstruction"], np.arange(20, 40))
     assert result["membership_auc_distance"] == 0.5
@@ -343,33 +363,12 @@ def test_evaluate_union_of_both_pools_gives_no_evidence(digits):
     np.testing.assert_allclose(result["heldout_ssim"], 1.0, atol=1e-4)
 
 
-# --- Distinct minima ------------------------------------------------------------------------
-
-
-def test_distinct_minima_counts_near_best_distinct_sets():
-    rng = np.random.default_rng(8)
-    base, other, worse = rng.random((3, 3, 8, 8, 1))
-    runs = np.stack([base, base[[2, 0, 1]], other, worse])  # run 1 = run 0 with images permuted
-    objective = np.array([1.0, 1.0, 1.0, 5.0])
-    found = metrics.distinct_minima(runs, objective, objective_tol=1e-6, distance_threshold=0.1)
-    assert found.count == 2
-    np.testing.assert_array_equal(found.candidates, [0, 1, 2])  # run 3 (worse objective) excluded
-    np.testing.assert_array_equal(found.representatives, [0, 2])
-    np.testing.assert_array_equal(found.assignment, [0, 0, 2])
-    assert found.distances.shape == (3, 3) and found.distances[0, 1] == 0.0 and found.distances[0, 2] > 1.0
-    # Without matching, the permuted copy looks like a third minimum.
-    assert metrics.distinct_minima(runs, objective, 1e-6, 0.1, match=False).count == 3
-    # A tolerance that admits run 3 adds it as a third distinct set (plain L2: mean squared
-    # difference of independent U[0,1] pixels is about 1/6).
-    assert metrics.distinct_minima(runs, objective, 10.0, 0.05, metric="l2").count == 3
-
-
 def test_evaluate_rejects_diverged_reconstructions(digits):
     train, held, mean = digits
     runs = np.stack([train - mean, train - mean])
     runs[1, 3, 0, 0, 0] = np.nan
     with pytest.raises(DataError, match="1 of 40 reconstructions"):
-        metrics.evaluate_reconstructions(runs, train, held, mean)
+        evaluate_reconstructions(runs, train, held, mean)
 
 
 def test_extraction_score_is_the_mean_of_the_ten_smallest_dssims():
