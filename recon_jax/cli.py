@@ -5,6 +5,7 @@
     recon-jax sweep        random hyperparameter search, best runs pooled     (recon_jax.reconstruct)
     recon-jax evaluate     judge a run against training and held-out images   (recon_jax.evaluation)
     recon-jax study        a resumable grid of runs, judged and reported      (recon_jax.study)
+    recon-jax identifiability  membership AUC against N·D/P of a finished study (recon_jax.identifiability)
     recon-jax datasets     show where dataset names are looked up             (recon_jax.data)
 
 Errors in the input are reported as one line, ``recon-jax: error: ...``, with exit code 2.
@@ -219,6 +220,7 @@ def _add_sweep(sub) -> None:
 def _run_attack(args) -> int:
     from recon_jax import bilevel, kkt, reconstruct
     from recon_jax.artifacts import read_json
+    from recon_jax.problems import default_kkt_task
     from recon_jax.precision import enable_float64
     from recon_jax.solvers import InnerConfig
 
@@ -251,7 +253,7 @@ def _run_attack(args) -> int:
     if not bilevel_method:
         if isinstance(box_weight, tuple):
             raise ReconJaxError("--box-weight takes a single value with --method kkt")
-        task = args.task or (reconstruct.default_kkt_task(meta["train_config"]["loss"], meta["train_config"]["weight_decay"])
+        task = args.task or (default_kkt_task(meta["train_config"]["loss"], meta["train_config"]["weight_decay"])
                              if meta else "binary")
         kkt_config = kkt.KKTConfig(steps=steps, task=task, stationarity=args.stationarity, optimizer=optimizer,
                                    momentum=args.momentum, box_weight=box_weight, lambda_weight=args.lambda_weight,
@@ -295,7 +297,8 @@ def _search_ranges(items: list[str]) -> dict | None:
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="judge a run against the training set and the held-out pool",
-                       description="BRIEF section 4 protocol (NCC nearest neighbours, SSIM 3x3, PSNR, MSE, "
+                       description="The evaluation protocol of Haim et al. 2022 / Buzaglo et al. 2023 (NCC nearest "
+                                   "neighbours on x1/2 bicubic images, or plain L2 for MNIST; SSIM 3x3, PSNR, MSE, "
                                    "Hungarian matching, good counts) against the training set AND the held-out "
                                    "pool, plus membership AUC; writes evaluation.json and evaluation.npz.")
     p.add_argument("--run", required=True, help="run folder written by `recon-jax reconstruct` or `sweep`")
@@ -388,6 +391,36 @@ def _run_study(args) -> int:
     return 0
 
 
+def _add_identifiability(sub) -> None:
+    p = sub.add_parser("identifiability", help="membership AUC against unknowns per parameter of a finished study",
+                       description="For every victim x method x init of a finished study: the membership AUC with a "
+                                   "percentile bootstrap interval over initialisations and seeds, against N*D/P; per "
+                                   "method x architecture curve, the ratio at which the AUC falls through 0.75. "
+                                   "Writes identifiability.csv, transitions.csv, identifiability.md and figures/.")
+    p.add_argument("--study", required=True, help="a finished study folder (runs/NAME, with results.json)")
+    p.add_argument("--out", default=None, help="output folder (default: STUDY/identifiability)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples B (default 1000)")
+    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--threshold", type=float, default=0.75, help="AUC at which the transition is read (default 0.75)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.set_defaults(func=_run_identifiability)
+
+
+def _run_identifiability(args) -> int:
+    from recon_jax.identifiability import write_identifiability
+
+    result = write_identifiability(args.study, args.out, n_resamples=args.resamples, level=args.level, seed=args.seed,
+                                   threshold=args.threshold, draw=not args.no_figures)
+    for row in result["transitions"]:
+        interval = f"[{row['transition_low']:.3g}, {row['transition_high']:.3g}]"
+        print(f"{row['method']} {row['arch']} {row['init']} wd {row['weight_decay']:g}: transition N*D/P = "
+              f"{row['transition']:.3g} {interval}" + (f" ({row['note']})" if row["note"] else ""))
+    print(f"{len(result['points'])} points; wrote {result['out'] / 'identifiability.csv'}, "
+          f"{result['out'] / 'transitions.csv'}" + (f" and {len(result['figures'])} figures" if result["figures"] else ""))
+    return 0
+
+
 def _add_datasets(sub) -> None:
     p = sub.add_parser("datasets", help="show the dataset lookup order and what is found here")
     p.add_argument("--data-dir", default=None, help="a prepared TFDS data_dir to include")
@@ -424,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_evaluate(sub)
     _add_study(sub)
+    _add_identifiability(sub)
     _add_datasets(sub)
     return parser
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from recon_jax.artifacts import atomic_write_bytes
 from recon_jax.errors import ConfigError
@@ -214,6 +215,74 @@ def sorted_curves(path: str | os.PathLike, curves: Mapping[str, np.ndarray], yla
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def curve_panels(path: str | os.PathLike, panels: Sequence[Mapping], xlabel: str, *, logx: bool = False,
+                 title: str | None = None) -> Path:
+    """Side-by-side panels against one x quantity, each with named curves, optional error bars
+    and reference lines: e.g. membership AUC and own SSIM against unknowns per parameter N·D/P,
+    one curve per method × architecture.
+
+    panels: a list of {"ylabel": str, "curves": {name: {"x": (n,), "y": (n,), and optionally
+    "low": (n,), "high": (n,)}}, "hlines": [(y, label, linestyle)] (optional), "title": str
+    (optional), "ylim": (lo, hi) (optional)}. Each curve is drawn sorted by x, joined by a
+    line; points with a non-finite x or y are left out; ``low``/``high`` (an interval around
+    y, e.g. a bootstrap percentile interval) are drawn as error bars where finite. A curve
+    name keeps its colour in every panel. ``logx`` needs x > 0.
+    """
+    if not panels:
+        raise ConfigError("curve_panels needs at least one panel, e.g. [{'ylabel': 'AUC', 'curves': {...}}]")
+    checked, colours = [], {}
+    for k, panel in enumerate(panels):
+        if "curves" not in panel or "ylabel" not in panel:
+            raise ConfigError(f"panel {k} needs keys 'ylabel' and 'curves'")
+        curves = {}
+        for name, curve in panel["curves"].items():
+            if "x" not in curve or "y" not in curve:
+                raise ConfigError(f"curve {name!r} needs keys 'x' and 'y'")
+            arrays = {key: _vector(f"curve {name!r} {key}", curve[key]) for key in ("x", "y", "low", "high")
+                      if curve.get(key) is not None}
+            lengths = {key: len(a) for key, a in arrays.items()}
+            if len(set(lengths.values())) != 1:
+                raise ConfigError(f"curve {name!r} has arrays of different lengths {lengths}; give one value per point")
+            keep = np.isfinite(arrays["x"]) & np.isfinite(arrays["y"])
+            if logx and np.any(arrays["x"][keep] <= 0):
+                raise ConfigError(f"curve {name!r}: logx=True needs x > 0")
+            order = np.argsort(arrays["x"][keep], kind="stable")
+            curves[name] = {key: a[keep][order] for key, a in arrays.items()}
+            colours.setdefault(name, f"C{len(colours) % 10}")
+        checked.append((panel, curves))
+    fig = _new_figure(4.6 * len(checked) + 0.4, 3.8)
+    axes = fig.subplots(1, len(checked), squeeze=False)[0]
+    for ax, (panel, curves) in zip(axes, checked):
+        for name, c in curves.items():
+            colour = colours[name]
+            ax.plot(c["x"], c["y"], "-o", color=colour, markersize=3.5, linewidth=1.3, label=name)
+            if "low" in c and "high" in c:
+                bars = np.isfinite(c["low"]) & np.isfinite(c["high"])
+                if bars.any():
+                    y = c["y"][bars]
+                    ax.errorbar(c["x"][bars], y, yerr=[np.maximum(y - c["low"][bars], 0), np.maximum(c["high"][bars] - y, 0)],
+                                fmt="none", ecolor=colour, elinewidth=1, capsize=3, alpha=0.8)
+        for y, label, style in panel.get("hlines", ()):
+            ax.axhline(y, color="gray", linestyle=style, linewidth=1, label=label)
+        if logx:
+            ax.set_xscale("log")
+            # Plain numbers (2, 1e-03) rather than mathtext powers; minor ticks labelled when the axis spans few decades.
+            ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        if panel.get("ylim") is not None:
+            ax.set_ylim(*panel["ylim"])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(panel["ylabel"])
+        if panel.get("title"):
+            ax.set_title(panel["title"], fontsize=9)
+        ax.grid(alpha=0.3)
+        if curves or panel.get("hlines"):
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

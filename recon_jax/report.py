@@ -194,7 +194,8 @@ def write_report(config, out_dir: str | os.PathLike, results: list[dict]) -> Pat
         lines += [config.description, ""]
     lines += [f"{len(results)} cells: victims {', '.join(config.victims)} × methods {', '.join(config.methods)} × "
               f"inits {', '.join(config.inits)} × seeds {', '.join(map(str, config.seeds))}; "
-              f"{config.n_inits} initialisations per cell.", ""]
+              f"{config.n_inits} initialisations per cell."
+              + "".join(f" Victim {v} runs inits {', '.join(i)} instead." for v, i in config.victim_inits.items()), ""]
     lines += ["## Victims", "", "| victim | dataset | architecture | loss | weight decay | stationary | params |",
               "|---|---|---|---|---|---|---|"]
     for name, spec in config.victims.items():

@@ -43,10 +43,19 @@ training images), x₀ the initial and x the final images, mapped to [0,1] by
   RMS(x_j − x₀_j), both in [0,1] pixel units under ``distance_mapping`` = "clip", which
   leaves an image in [0,1] (the truth itself) unchanged; under "minmax" a training image
   that does not span [0,1] would be at a nonzero distance from itself;
-- ``distinct_minima``: ``recon_jax.metrics.distinct_minima`` among the runs whose final
+- ``distinct_minima``: ``recon_jax.landscape.distinct_minima`` among the runs whose final
   loss is within ``atol + rtol·best`` of the best;
 - landscape (if computed): the objective at the reconstruction (t=0) and the ground truth
   (t=1) and its maximum on the segment between them.
+
+Size and convergence (the last columns of summary.csv, for the identifiability map of
+``recon_jax.identifiability``): ``n_train`` N, ``n_pixels`` D = h·w·c, ``n_params`` P and
+``unknowns_per_param`` N·D/P from the victim's saved shapes (``size_columns``); ``arch``
+("affine", "mlp-gelu-64", "mlp-gelu-64-64"), ``weight_decay``, ``n_per_class``;
+``final_loss`` = ``final_loss_median``, the median final objective of the cell's non-diverged
+runs (bilevel: relative outer loss; KKT: L_KKT); ``converged_fraction``, the fraction of the
+cell's runs that meet ``converged_criterion`` (bilevel: objective ≤ ``CONVERGED_OBJECTIVE``;
+KKT: relative residual ≤ ``KKT_CONVERGED_RESIDUAL``; ``convergence_columns``).
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ from recon_jax.artifacts import atomic_save_npz, atomic_write_bytes, atomic_writ
 from recon_jax.errors import ConfigError
 from recon_jax.evaluation import evaluate_run
 from recon_jax.initialisation import truth_for_slots
+from recon_jax.landscape import distinct_minima
 from recon_jax.models import count_params
 from recon_jax.reconstruct import reconstruct, run_identity, sorted_ground_truth
 from recon_jax.studyconfig import Cell, StudyConfig
@@ -87,7 +97,22 @@ METRIC_COLUMNS = (
     "membership_auc_distance", "membership_auc_best_ssim", "nearest_is_train_rate", "nearest_is_train_chance",
     "distinct_minima", "minima_candidates",
     "landscape_at_reconstruction", "landscape_at_truth", "landscape_max_on_segment",
+    # Size and convergence columns (``size_columns``, ``convergence_columns``), appended last so
+    # that readers of the columns above by position are unaffected.
+    "n_train", "n_pixels", "n_params", "unknowns_per_param", "arch", "weight_decay", "n_per_class",
+    "final_loss", "converged_fraction", "converged_criterion",
 )
+SIZE_COLUMNS = ("n_train", "n_pixels", "n_params", "unknowns_per_param", "arch", "weight_decay", "n_per_class")
+CONVERGED_OBJECTIVE = 1e-6
+"""Bilevel: a run has converged when its final objective, the relative outer loss
+l(θ(x), θ*) = ‖θ(x) − θ*‖² / ‖θ*‖² (``bilevel.parameter_loss``), is at most this."""
+KKT_CONVERGED_RESIDUAL = 1e-3
+"""KKT: a run has converged when its final relative residual ‖θ* − G(x, λ)‖ / ‖θ*‖ (reported
+by ``kkt.kkt_loss`` as ``relative_residual``) is at most this. The KKT objective L_KKT is
+absolute: it grows with ‖θ*‖² and holds the box and λ penalties, so no threshold on it means
+the same on two victims. The squared relative residual ‖θ* − G‖² / ‖θ*‖² is the same kind of
+figure as the bilevel objective, a relative squared mismatch in parameter space (θ* against
+what the candidates imply), so the bilevel criterion 1e-6 on it is √1e-6 = 1e-3 on the residual."""
 DISTANCE_MAPPING = "clip"  # init_distance and moved (module doc); SSIM columns: the evaluation's mapping
 LANDSCAPE_BYTES = 1 << 30  # KKT slices run in batches whose per-point Jacobians fit in this many bytes
 
@@ -121,7 +146,7 @@ def _own_figures(run_dir: Path, truth: dict, good_threshold: float,
     """Figures that relate each slot to the training image it was paired with (module doc).
 
     Computed from the run's mean-subtracted ``centered``/``init_centered`` (float64) with
-    ``metrics.to_unit``, exactly as ``metrics.evaluate_reconstructions`` maps them before
+    ``metrics.to_unit``, exactly as ``evaluation.evaluate_reconstructions`` maps them before
     scoring: SSIM figures under ``ssim_mapping`` (pass the evaluation's ``image_mapping``),
     distances under ``DISTANCE_MAPPING``, and ``own_ssim_clip`` under "clip".
     """
@@ -145,6 +170,47 @@ def _own_figures(run_dir: Path, truth: dict, good_threshold: float,
             "own_ssim_clip": float(np.median(own_clip)),
             "own_good_rate": float(np.mean(own > good_threshold)),
             "moved": float(np.median(_rms(images, init_images)))}
+
+
+def arch_name(hidden, activation: str) -> str:
+    """``[]`` -> ``"affine"``; ``[64]``, gelu -> ``"mlp-gelu-64"``; ``[64, 64]`` -> ``"mlp-gelu-64-64"``."""
+    hidden = list(hidden or [])
+    return "affine" if not hidden else "-".join(["mlp", activation, *map(str, hidden)])
+
+
+def size_columns(victim_dir: Path) -> dict:
+    """The victim's size, from its saved shapes (victim.json), not its name:
+
+        n_train = N (training images, Σ label_counts), n_pixels = D = h·w·c, n_params = P,
+        unknowns_per_param = N·D / P   (unknown pixel values per released parameter)
+
+    with ``arch`` (``arch_name``), ``weight_decay`` and ``n_per_class`` of its recipe."""
+    meta = read_json(victim_dir / checkpoint.META_FILE)
+    n_train = int(sum(meta["label_counts"]))
+    n_pixels = int(math.prod(int(s) for s in meta["image_shape"]))
+    n_params = int(meta["n_params"])
+    model = meta["model"]
+    return {"n_train": n_train, "n_pixels": n_pixels, "n_params": n_params,
+            "unknowns_per_param": n_train * n_pixels / n_params,
+            "arch": arch_name(model.get("hidden"), model.get("activation", "gelu")),
+            "weight_decay": float(meta["train_config"]["weight_decay"]),
+            "n_per_class": (meta.get("spec") or {}).get("n_per_class")}
+
+
+def convergence_columns(run: dict) -> dict:
+    """``converged_fraction``: the fraction of a cell's K runs (diverged ones count as not
+    converged) whose final objective meets the method's criterion, ``converged_criterion``:
+    bilevel outer loss ≤ ``CONVERGED_OBJECTIVE``, KKT relative residual ≤ ``KKT_CONVERGED_RESIDUAL``.
+    ``run``: the run's run.json."""
+    if run.get("method") == "kkt":
+        values, threshold, name = run.get("final_relative_residual"), KKT_CONVERGED_RESIDUAL, "relative_residual"
+    else:
+        values, threshold, name = run.get("final_outer_loss"), CONVERGED_OBJECTIVE, run.get("final_loss_name", "outer_loss")
+    if values is None:
+        return {"converged_fraction": None, "converged_criterion": None}
+    values = np.asarray([np.nan if v is None else v for v in values], float)
+    ok = ~np.asarray(run["diverged"], bool) & np.isfinite(values) & (values <= threshold)
+    return {"converged_fraction": float(ok.mean()), "converged_criterion": f"{name} <= {threshold:g}"}
 
 
 def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path, truth: dict) -> dict:
@@ -238,7 +304,7 @@ def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[
             centered = f["centered"][ok]
         best = float(losses[ok].min())
         tol = config.minima.objective_atol + config.minima.objective_rtol * abs(best)
-        found = metrics.distinct_minima(centered, losses[ok], tol, config.minima.distance_threshold)
+        found = distinct_minima(centered, losses[ok], tol, config.minima.distance_threshold)
         minima = {"distinct_minima": int(found.count), "minima_candidates": int(len(found.candidates))}
     mismatch_key = "final_relative_residual" if spec.method == "kkt" else "final_outer_loss"
     mismatch = np.asarray(run.get(mismatch_key, losses), float)[ok] if ok.any() else np.array([np.nan])
@@ -261,7 +327,9 @@ def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[
         "final_loss_min": float(losses[ok].min()) if ok.any() else None,
         "final_loss_median": float(np.median(losses[ok])) if ok.any() else None,
         "param_mismatch_median": float(np.median(mismatch)),
+        "final_loss": float(np.median(losses[ok])) if ok.any() else None,  # = final_loss_median
         **own, **{k: evaluation.get(k) for k in METRIC_COLUMNS if k in evaluation}, **minima, **landscape,
+        **size_columns(victim_dir), **convergence_columns(run),
         "spec": _without_devices(spec.to_json()),
         "key": cell_key(config, cell),
     }
@@ -378,9 +446,19 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, *, process_index:
         barrier("cells")
     if process_index != 0:
         return []
-    results = [read_json(_cell_dir(out, cell) / "cell.json") for cell in cells]
+    results = [with_size_columns(out, read_json(_cell_dir(out, cell) / "cell.json")) for cell in cells]
     write_outputs(config, out, results, figures=report and config.figures)
     return results
+
+
+def with_size_columns(out: Path, result: dict) -> dict:
+    """A cell's result with the size and convergence columns, computed from its victim and run
+    folders when the cell was judged before they existed (a reused cell keeps its cell.json)."""
+    if all(k in result for k in SIZE_COLUMNS + ("final_loss", "converged_fraction")):
+        return result
+    run = read_json(out / "cells" / result["cell"] / "run" / "run.json")
+    return {**result, **size_columns(_victim_dir(out, result["victim"])), **convergence_columns(run),
+            "final_loss": result.get("final_loss_median")}
 
 
 def _short(value) -> str:

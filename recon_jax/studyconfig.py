@@ -41,12 +41,42 @@ pool. The file format (all tables optional except ``victims`` and ``methods``)::
 
 Everything is validated when the file is read, before any work starts: unknown keys name
 the valid ones, and every victim, method and initialisation is built once.
+
+**Size axes.** A victim table may carry a ``sweep`` sub-table: each key a VictimSpec or
+TrainConfig field, each value a non-empty list of settings. The table expands into one victim
+per combination (the Cartesian product, the last key varying fastest), e.g. the width and size
+axes of an identifiability study::
+
+    [victims.mlp]
+    activation = "gelu"
+    inits = ["gaussian:0.1", "heldout"]   # optional: this table's inits replace the study's
+    [victims.mlp.sweep]
+    hidden = [[16], [64]]         # list-valued fields sweep lists: one list per victim
+    n_per_class = [1, 10]         # -> victims mlp-h16-n1, mlp-h16-n10, mlp-h64-n1, mlp-h64-n10
+
+A swept key may not also be set in the table itself; a key of ``[data]`` is overridden by the
+sweep. Expanded victims are named ``<table>-<part>-<part>...``, one part per swept key in the
+order written: ``n<value>`` for ``n_per_class``, ``h<w1>x<w2>...`` for ``hidden`` (``hnone`` for
+``[]``), ``wd<value>`` for ``weight_decay``, the bare value for a string (``mlp-relu``) and
+``<key><value>`` for any other key (``affine-seed3``). Integers print as written, floats in
+Python's ``g`` format (``1e-3`` -> ``0.001``, ``1e-5`` -> ``1e-05``), booleans as
+``true``/``false``; characters a name may not hold become ``.``. So ``[victims.affine]`` with
+``n_per_class = [1, 5]`` gives ``affine-n1`` and ``affine-n5``, and ``[victims.affine_wd]`` with
+``weight_decay = [1e-4, 1e-3]`` gives ``affine_wd-wd0.0001`` and ``affine_wd-wd0.001``. Victims
+and cells are ordered by table (in file order), then by this product; a name that two tables
+produce is an error. ``--set victims.affine.sweep.n_per_class=[1,2]`` overrides a sweep like any
+other value, and ``--extend`` reuses the cells of the expanded victims whose settings did not change.
+
+**Per-victim initialisations.** ``inits = [...]`` in a victim table replaces the study's
+``inits`` for that table's victims (all of a sweep's), e.g. to run ``gt-noise`` and
+``heldout`` controls at a few sizes only.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -56,7 +86,8 @@ from pathlib import Path
 from recon_jax import bilevel, kkt
 from recon_jax.errors import ConfigError
 from recon_jax.initialisation import parse_init
-from recon_jax.reconstruct import ReconstructionSpec, default_kkt_task
+from recon_jax.problems import default_kkt_task
+from recon_jax.reconstruct import ReconstructionSpec
 from recon_jax.solvers import InnerConfig
 from recon_jax.training import TrainConfig
 from recon_jax.victim import VictimSpec, validate
@@ -73,6 +104,11 @@ KKT_KEYS = {f.name for f in dataclasses.fields(kkt.KKTConfig)}
 INNER_KEYS = {f.name for f in dataclasses.fields(InnerConfig)}
 DEFAULT_STEPS = {"bilevel": 1000, "kkt": 5000}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+SWEEP_KEYS = VICTIM_KEYS | TRAIN_KEYS
+SWEEP_PREFIXES = {"n_per_class": "n", "hidden": "h", "weight_decay": "wd"}
+"""Name part prefixes of the common size axes (module doc); any other key uses its own name."""
+_FIELD_TYPES = {f.name: str(f.type) for cls in (VictimSpec, TrainConfig) for f in dataclasses.fields(cls)}
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +178,16 @@ class StudyConfig:
     figures: bool = True
     description: str = ""
     source: dict = dataclasses.field(default_factory=dict, compare=False)
+    victim_inits: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """Victims whose table sets its own ``inits``, and those inits (they replace ``inits``)."""
+
+    def inits_for(self, victim: str) -> tuple[str, ...]:
+        return self.victim_inits.get(victim, self.inits)
 
     def cells(self) -> list[Cell]:
         """All cells, victim-major, then method, init, seed (the order of the summary)."""
-        return [Cell(v, m, i, s) for v in self.victims for m in self.methods for i in self.inits for s in self.seeds]
+        return [Cell(v, m, i, s) for v in self.victims for m in self.methods for i in self.inits_for(v)
+                for s in self.seeds]
 
     def spec(self, cell: Cell) -> ReconstructionSpec:
         return self.methods[cell.method].spec_for(self.victims[cell.victim], cell.init, self.n_inits, cell.seed)
@@ -168,6 +210,76 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
 def _check_name(name: str, where: str) -> None:
     if not _NAME.match(name) or "__" in name:
         raise ConfigError(f"{where} name {name!r} must use only letters, digits, '.', '_' or '-' (no '__')")
+
+
+def _name_value(value) -> str:
+    """One swept value as it appears in a victim name (module doc)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    if isinstance(value, (list, tuple)):
+        return "x".join(_name_value(v) for v in value) if value else "none"
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def sweep_name(table_name: str, combination: dict) -> str:
+    """``affine`` + {n_per_class: 5} -> ``affine-n5``; {hidden: [64], n_per_class: 10} ->
+    ``-h64-n10``; {weight_decay: 1e-3} -> ``-wd0.001``; strings appear bare (module doc)."""
+    parts = []
+    for key, value in combination.items():
+        text = _name_value(value) if isinstance(value, str) else SWEEP_PREFIXES.get(key, key) + _name_value(value)
+        parts.append(re.sub("_{2,}", "_", _NOT_IN_NAME.sub(".", text)).strip("."))
+    return "-".join([table_name, *parts])
+
+
+def _check_sweep_value(key: str, value, where: str) -> None:
+    """A swept value has the type its field takes: lists for tuple fields, numbers for numeric ones."""
+    kind = _FIELD_TYPES.get(key, "")
+    if kind.startswith("tuple") and not isinstance(value, list):
+        raise ConfigError(f"{where}: {key} takes a list, so its sweep lists lists, e.g. {key} = [[16], [64]]; "
+                          f"got {value!r}")
+    numeric = kind.split(" | ")[0] in ("int", "float")
+    if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{where}: {key} takes a number, got {value!r}")
+    if kind.split(" | ")[0] == "int" and isinstance(value, float):
+        raise ConfigError(f"{where}: {key} takes an integer, got {value!r}")
+
+
+def expand_sweep(name: str, table: dict) -> list[tuple[str, dict]]:
+    """A victim table -> [(victim name, table with one combination of its sweep)], the product
+    of the sweep's lists in the order written, last key fastest; [(name, table)] without a sweep.
+
+    ``{"model": "affine", "sweep": {"n_per_class": [1, 5]}}`` ->
+    ``[("affine-n1", {"model": "affine", "n_per_class": 1}), ("affine-n5", {..., "n_per_class": 5})]``.
+    """
+    table = dict(table)
+    sweep = table.pop("sweep", None)
+    if sweep is None:
+        return [(name, table)]
+    where = f"[victims.{name}.sweep]"
+    if not isinstance(sweep, dict) or not sweep:
+        raise ConfigError(f"{where} must be a table of KEY = [values], e.g. n_per_class = [1, 2, 5]")
+    _check_keys(sweep, SWEEP_KEYS, where)
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {key} must be a non-empty list of values, e.g. {key} = "
+                              f"{'[[16], [64]]' if _FIELD_TYPES.get(key, '').startswith('tuple') else '[1, 2, 5]'}; "
+                              f"got {values!r}")
+        for value in values:
+            _check_sweep_value(key, value, where)
+        if len({json.dumps(v) for v in values}) != len(values):
+            raise ConfigError(f"{where}: {key} lists a value twice: {values}")
+        if key in table:
+            raise ConfigError(f"[victims.{name}]: {key} is both set ({table[key]!r}) and swept; remove one")
+    keys = list(sweep)
+    expanded = []
+    for values in itertools.product(*(sweep[k] for k in keys)):
+        combination = dict(zip(keys, values))
+        expanded.append((sweep_name(name, combination), {**table, **combination}))
+    return expanded
 
 
 def victim_spec(table: dict, where: str) -> VictimSpec:
@@ -225,22 +337,34 @@ def config_from_dict(raw: dict, *, name: str | None = None, dataset: str | None 
     if dataset is not None:
         data["dataset"] = dataset
         for table in raw["victims"].values():
-            table.pop("dataset", None)
+            if isinstance(table, dict):
+                table.pop("dataset", None)
+                if isinstance(table.get("sweep"), dict):
+                    table["sweep"].pop("dataset", None)
         raw["data"] = data
-    victims = {}
-    for vname, table in raw["victims"].items():
-        _check_name(vname, "victim")
-        victims[vname] = victim_spec({**data, **table}, f"[victims.{vname}]")
+    victims, victim_inits = {}, {}
+    for tname, table in raw["victims"].items():
+        _check_name(tname, "victim")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[victims.{tname}] must be a table of victim settings, e.g. model = \"affine\"")
+        table = dict(table)
+        own_inits = table.pop("inits", None)
+        if own_inits is not None:
+            own_inits = _parse_inits(own_inits, f"[victims.{tname}] inits")
+        for vname, expanded in expand_sweep(tname, table):
+            _check_name(vname, "victim")
+            if vname in victims:
+                raise ConfigError(f"two victims are named {vname!r} ([victims.{tname}] and an earlier table); "
+                                  "rename a table")
+            victims[vname] = victim_spec({**data, **expanded}, f"[victims.{tname}]" + (
+                f" (sweep: {vname})" if vname != tname else ""))
+            if own_inits is not None:
+                victim_inits[vname] = own_inits
     methods = {}
     for mname, table in raw["methods"].items():
         _check_name(mname, "method")
         methods[mname] = method_entry(mname, table)
-    inits = tuple(raw.get("inits", ["gaussian:0.1"]))
-    if not inits:
-        raise ConfigError("inits must list at least one initialisation, e.g. inits = [\"gaussian:0.1\"]")
-    inits = tuple(str(parse_init(i)) for i in inits)
-    if len(set(inits)) != len(inits):
-        raise ConfigError(f"inits lists a duplicate: {list(inits)}")
+    inits = _parse_inits(raw.get("inits", ["gaussian:0.1"]), "inits")
     seeds = tuple(int(s) for s in raw.get("seeds", [0]))
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
@@ -251,9 +375,11 @@ def config_from_dict(raw: dict, *, name: str | None = None, dataset: str | None 
     _check_keys(land, {f.name for f in dataclasses.fields(LandscapeConfig)}, "[landscape]")
     landscape = LandscapeConfig(**_tuples(land))
     landscape = dataclasses.replace(landscape, inits=tuple(str(parse_init(i)) for i in landscape.inits))
-    missing = sorted(set(landscape.inits) - set(inits))
+    used = set(inits) if len(victim_inits) < len(victims) else set()
+    used |= {i for own in victim_inits.values() for i in own}
+    missing = sorted(set(landscape.inits) - used)
     if missing:
-        raise ConfigError(f"[landscape] inits {missing} are not among the study's inits {list(inits)}")
+        raise ConfigError(f"[landscape] inits {missing} are not among the study's inits {sorted(used)}")
     if landscape.points_1d < 3 or landscape.points_2d < 3:
         raise ConfigError("[landscape] points_1d and points_2d must be >= 3")
     mini = raw.get("minima", {})
@@ -263,7 +389,7 @@ def config_from_dict(raw: dict, *, name: str | None = None, dataset: str | None 
     if dataset is not None and not study_name.endswith(f"-{dataset}"):
         study_name = f"{study_name}-{dataset}"
     config = StudyConfig(name=study_name, victims=victims, methods=methods, inits=inits, seeds=seeds,
-                         n_inits=n_inits, landscape=landscape, minima=minima,
+                         n_inits=n_inits, landscape=landscape, minima=minima, victim_inits=victim_inits,
                          figures=bool(raw.get("figures", True)), description=str(raw.get("description", "")),
                          source={**raw, "name": study_name})
     for cell in config.cells():  # builds every spec: bad values fail here, before any work
@@ -272,6 +398,16 @@ def config_from_dict(raw: dict, *, name: str | None = None, dataset: str | None 
         except TypeError as err:
             raise ConfigError(f"[methods.{cell.method}]: {err}") from err
     return config
+
+
+def _parse_inits(inits, where: str) -> tuple[str, ...]:
+    """A non-empty list of distinct initialisations, each in its canonical form."""
+    if not isinstance(inits, (list, tuple)) or not inits:
+        raise ConfigError(f"{where} must list at least one initialisation, e.g. inits = [\"gaussian:0.1\"]")
+    inits = tuple(str(parse_init(i)) for i in inits)
+    if len(set(inits)) != len(inits):
+        raise ConfigError(f"{where} lists a duplicate: {list(inits)}")
+    return inits
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -304,7 +440,12 @@ def needs_float64(raw: dict) -> bool:
     """True if any victim or method of the parsed file runs in float64 (the default dtype), so
     JAX's x64 mode must be on before the config is validated."""
     data = raw.get("data", {}) if isinstance(raw.get("data"), dict) else {}
-    tables = [{**data, **t} for t in (raw.get("victims") or {}).values() if isinstance(t, dict)]
+    tables = []
+    for t in (raw.get("victims") or {}).values():
+        if isinstance(t, dict):
+            sweep = t.get("sweep") if isinstance(t.get("sweep"), dict) else {}
+            dtypes = sweep["dtype"] if isinstance(sweep.get("dtype"), list) and sweep["dtype"] else [None]
+            tables += [{**data, **t, **({"dtype": d} if d else {})} for d in dtypes]  # a swept dtype: each value
     tables += [t for t in (raw.get("methods") or {}).values() if isinstance(t, dict) and t.get("dtype")]
     return not tables or any(t.get("dtype", "float64") == "float64" for t in tables)
 

@@ -163,6 +163,7 @@ def test_own_ssim_and_good_counts_judge_the_same_mapped_images(tmp_path):
     reconstruction, own SSIM is the protocol's median training SSIM and the own good rate its
     good count. Under "clip" (what own SSIM used before) both would differ."""
     from recon_jax import metrics
+    from recon_jax.evaluation import evaluate_reconstructions
 
     rng = np.random.default_rng(0)
     train = rng.uniform(0.1, 0.7, (3, 8, 8, 1))  # not spanning [0, 1]: min-max scaling changes them, clip does not
@@ -172,7 +173,7 @@ def test_own_ssim_and_good_counts_judge_the_same_mapped_images(tmp_path):
     np.savez(tmp_path / "reconstructions.npz", centered=centered, labels=labels,
              init_centered=0.1 * rng.standard_normal(centered.shape))
     threshold = 0.85
-    result = metrics.evaluate_reconstructions(centered, train, held, mean, good_threshold=threshold)
+    result = evaluate_reconstructions(centered, train, held, mean, good_threshold=threshold)
     np.testing.assert_array_equal(result["train_nearest_reconstruction"], [0, 1, 2])  # the slots' pairing
     own = study._own_figures(tmp_path, {"train_images": train, "train_labels": labels, "mean": mean}, threshold,
                              result["image_mapping"])
