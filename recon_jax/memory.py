@@ -71,6 +71,10 @@ differently, so ``benchmarks/gpu.py`` prints its measured peak
 plans for a fraction of the free memory (25% on CPU, whose memory other processes share;
 50% on accelerators, whose JAX pool is already 75% of the device), which leaves room for
 the model's error, the ``finish`` program and the host transfers.
+
+Architectures without a formula (anything but ``models.MLP``, see ``has_formula``) are sized
+by a compiled probe, ``probe_estimate``: the segment program compiled (not run) at K = 1 and
+K = 2, per_init = bytes(2) − bytes(1) and fixed = bytes(1) − per_init.
 """
 
 from __future__ import annotations
