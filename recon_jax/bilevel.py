@@ -65,6 +65,7 @@ import optax
 from flax import struct
 from jax import lax
 
+from recon_jax.attack import Attack, box_penalty, descent_direction, freeze, register_attack, scan_steps
 from recon_jax.errors import ConfigError
 from recon_jax.objectives import all_finite, squared_norm
 from recon_jax.precision import tree_dtype
@@ -73,7 +74,7 @@ from recon_jax.newton import (LINE_SEARCH_STEPS, conjugate_gradient, conjugate_g
 from recon_jax.solvers import InnerConfig, make_argmin, make_solve
 
 OUTER_LOSSES = ("l2", "cosine")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd")  # recon_jax.attack.descent_direction
 BOX_MODES = ("none", "penalty", "project")
 WARM_STARTS = ("previous", "victim")
 ENGINES = ("auto", "amortized", "implicit")
@@ -245,11 +246,6 @@ def parameter_loss(kind: str, params, victim_params) -> jax.Array:
     raise ConfigError(f"unknown outer loss {kind!r}; choose one of {', '.join(OUTER_LOSSES)}")
 
 
-def box_penalty(images: jax.Array, lo: float, hi: float) -> jax.Array:
-    """Σ relu(x − hi)² + relu(lo − x)² over all pixels: (N,h,w,c) -> scalar."""
-    return jnp.sum(jax.nn.relu(images - hi) ** 2 + jax.nn.relu(lo - images) ** 2)
-
-
 def total_variation(images: jax.Array, epsilon: float) -> jax.Array:
     """Isotropic, smoothed TV: Σ sqrt(Δ_h² + Δ_w² + ε²) summed over channels; (N,h,w,c) -> scalar."""
     d_h = images[:, 1:, :-1, :] - images[:, :-1, :-1, :]
@@ -266,16 +262,11 @@ def image_prior(config: BilevelConfig, hyper: Hyper, images: jax.Array) -> jax.A
 
 
 def _optimizer(config: BilevelConfig) -> optax.GradientTransformationExtraArgs:
-    """The direction u(∇_x): Adam or heavy-ball momentum, then (schedule 'plateau') the
-    reduce-on-plateau factor. The learning rate is applied outside, so that it can be a
-    traced, vmapped value."""
-    base = optax.scale_by_adam() if config.optimizer == "adam" else optax.trace(decay=config.momentum)
-    if config.schedule != "plateau":
-        return optax.with_extra_args_support(base)
-    # rtol 1e-3: an "improvement" must lower the objective by 0.1%; the objective spans ten decades.
-    plateau = optax.contrib.reduce_on_plateau(factor=config.plateau_factor, patience=config.plateau_patience,
-                                              rtol=1e-3, atol=0.0)
-    return optax.chain(base, plateau)
+    """The direction u(∇_x) (``recon_jax.attack.descent_direction``): Adam or heavy-ball momentum,
+    then (schedule 'plateau') the reduce-on-plateau factor. The learning rate is applied
+    outside, so that it can be a traced, vmapped value."""
+    plateau = (config.plateau_factor, config.plateau_patience) if config.schedule == "plateau" else None
+    return descent_direction(config.optimizer, config.momentum, extra_args=True, plateau=plateau)
 
 
 def init_state(config: BilevelConfig, problem: Problem, images: jax.Array) -> OuterState:
@@ -430,7 +421,7 @@ def refresh(config: BilevelConfig, problem: Problem, state: OuterState):
     change = jax.tree_util.tree_map(jnp.subtract, state.inner_params, params)
     correction = jnp.sqrt(squared_norm(change) / squared_norm(params))
     ok = all_finite(params) & all_finite(adjoint)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    keep = lambda new, old: freeze(ok, new, old)
     dtype = correction.dtype
     record = {"refresh_correction": correction,
               "refresh_gradients": jnp.asarray(_lbfgs_evaluations(info) + 1, dtype),
@@ -447,7 +438,7 @@ def _update(config: BilevelConfig, hyper: Hyper, state: OuterState, total, grad_
     if config.box == "project":
         images = jnp.clip(images, *config.box_bounds)
     ok = jnp.isfinite(total) & all_finite(grad_images) & all_finite(params) & all_finite(adjoint) & ~state.diverged
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    keep = lambda new, old: freeze(ok, new, old)
     return OuterState(images=keep(images, state.images), opt_state=keep(opt_state, state.opt_state),
                       inner_params=keep(params, state.inner_params), adjoint=keep(adjoint, state.adjoint),
                       step=state.step + 1, diverged=~ok)
@@ -486,7 +477,7 @@ def run_steps(config: BilevelConfig, problem: Problem, hyper: Hyper, state: Oute
     from ``init_state`` leaves it at 0.
     """
     if resolve_engine(config, problem) == "implicit":
-        return lax.scan(lambda s, _: outer_step(config, problem, hyper, s), state, None, length=n_steps)
+        return scan_steps(lambda s: outer_step(config, problem, hyper, s), state, n_steps)
 
     def body(state, index):
         def no_refresh(state):
@@ -524,3 +515,17 @@ def hypergradient(config: BilevelConfig, problem: Problem, images: jax.Array, in
         return parameter_loss(config.outer_loss, params, problem.victim_params)
 
     return jax.value_and_grad(outer)(images)
+
+
+def attack(config: BilevelConfig, problem: Problem) -> Attack:
+    """The bilevel attack as a ``recon_jax.attack.Attack``: ``init_state(x₀, hyper)`` with
+    x₀ (N, h, w, c), ``step`` = ``outer_step``, ``run_steps`` and ``evaluate`` as above; the
+    runs are ranked by ``outer_loss`` l(θ(x), θ*)."""
+    return Attack(name="bilevel", final_loss="outer_loss",
+                  init_state=lambda x, hyper: init_state(config, problem, x),
+                  step=lambda state, hyper: outer_step(config, problem, hyper, state),
+                  evaluate=lambda state, hyper: evaluate(config, problem, state),
+                  run_steps=lambda state, hyper, n, start=0: run_steps(config, problem, hyper, state, n, start))
+
+
+register_attack("bilevel", attack)

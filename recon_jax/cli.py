@@ -27,6 +27,10 @@ log = logging.getLogger("recon_jax")
 
 
 def _add_train(sub) -> None:
+    from recon_jax.data.selection import MEAN_MODES
+    from recon_jax.models import ACTIVATIONS, ARCHITECTURES
+    from recon_jax.objectives import LOSSES
+    from recon_jax.precision import DTYPES
     from recon_jax.training import DEFAULT_SEGMENT, SOLVERS, TrainConfig
 
     p = sub.add_parser("train", help="train a victim network to a certified stationary point",
@@ -43,18 +47,18 @@ def _add_train(sub) -> None:
     d.add_argument("--binary-positive", default=None,
                    help="make the task binary: these classes are +1, the rest -1 (e.g. 1,3,5,7,9)")
     d.add_argument("--n-heldout", type=int, default=None, help="held-out pool size (default: training set size)")
-    d.add_argument("--mean", choices=("pixel", "channel", "none"), default="pixel",
+    d.add_argument("--mean", choices=MEAN_MODES, default="pixel",
                    help="subtract the training mean per pixel (default), per channel, or not at all")
     m = p.add_argument_group("architecture")
-    m.add_argument("--model", choices=("affine", "mlp"), default="mlp")
+    m.add_argument("--model", choices=("affine", *ARCHITECTURES), default="mlp")
     m.add_argument("--hidden", default="1000", help="hidden widths, e.g. 1000 or 1000,1000 (mlp only)")
-    m.add_argument("--activation", default="gelu", help="relu, gelu, softplus or tanh (default gelu)")
+    m.add_argument("--activation", default="gelu", help=f"{', '.join(ACTIVATIONS)} (default gelu)")
     m.add_argument("--softplus-beta", type=float, default=1.0, help="softplus sharpness beta")
     m.add_argument("--bias", default="all", help="all, none, or one 0/1 flag per layer, e.g. 1,0,0")
     m.add_argument("--first-layer-init-scale", type=float, default=None,
                    help="std of the first kernel's N(0, s^2) init (reference: 1e-4)")
     o = p.add_argument_group("objective and solver")
-    o.add_argument("--loss", choices=("ce", "logistic", "mse"), default="ce")
+    o.add_argument("--loss", choices=LOSSES, default="ce")
     o.add_argument("--weight-decay", type=float, default=1e-3)
     o.add_argument("--solver", choices=SOLVERS, default=TrainConfig.solver,
                    help=f"newton: trust-region Newton-CG; lbfgs, gd: jaxopt (default {TrainConfig.solver})")
@@ -64,7 +68,7 @@ def _add_train(sub) -> None:
                    help=f"iterations (newton: trust-region steps) at most (default {TrainConfig.maxiter})")
     o.add_argument("--cg-maxiter", type=int, default=TrainConfig.cg_maxiter,
                    help=f"newton: Hessian-vector products per step at most (default {TrainConfig.cg_maxiter})")
-    o.add_argument("--hessian-dtype", choices=("float32", "float64"), default=None,
+    o.add_argument("--hessian-dtype", choices=DTYPES, default=None,
                    help="newton: precision of the Hessian-vector products and CG (default float32; the gradient, "
                         "loss and certificate stay in --dtype)")
     o.add_argument("--segment", type=int, default=None,
@@ -74,7 +78,7 @@ def _add_train(sub) -> None:
                    help="solver tolerance on ||grad L|| (default by dtype: 1e-10 float64, 1e-6 float32)")
     o.add_argument("--certify-tol", type=float, default=None,
                    help="stationary iff ||grad L|| <= this (default by dtype: 1e-8 float64, 1e-5 float32)")
-    o.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    o.add_argument("--dtype", choices=DTYPES, default="float64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="victim folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a different victim already in --out")
@@ -114,10 +118,15 @@ def _run_train(args) -> int:
 
 def _add_attack_args(p, *, sweep: bool) -> None:
     """Flags shared by `reconstruct` and `sweep`."""
+    from recon_jax import bilevel, kkt
+    from recon_jax.attack import OPTIMIZERS
     from recon_jax.bilevel import ENGINES, SCHEDULES
+    from recon_jax.precision import DTYPES
+    from recon_jax.reconstruct import PROGRAMS
+    from recon_jax.solvers import BACKENDS
 
     p.add_argument("--victim", required=True, help="victim folder written by `recon-jax train`")
-    p.add_argument("--method", choices=("bilevel", "kkt"), default="bilevel")
+    p.add_argument("--method", choices=tuple(PROGRAMS), default="bilevel")
     p.add_argument("--init", default="gaussian:0.1",
                    help="gaussian:SIGMA, gt-noise:SIGMA, heldout, mean[:SIGMA] or interp:A (default gaussian:0.1"
                         + ("; in a sweep a gaussian init uses each run's sampled SIGMA)" if sweep else ")"))
@@ -135,18 +144,18 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     p.add_argument("--steps", type=int, default=None, help="outer steps (default: bilevel 1000, kkt 5000)")
     p.add_argument("--lr", default=None, help="learning rate (kkt: on x), or a comma list to sweep "
                                               "(default: bilevel 0.01, kkt 0.01)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="default: bilevel adam, kkt sgd")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: bilevel adam, kkt sgd")
     p.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
     b = p.add_argument_group("bilevel")
-    b.add_argument("--outer-loss", choices=("l2", "cosine"), default="l2",
+    b.add_argument("--outer-loss", choices=bilevel.OUTER_LOSSES, default="l2",
                    help="l2: ||theta - theta*||^2 / ||theta*||^2 (default); cosine: 1 - cos(theta, theta*)")
-    b.add_argument("--box", choices=("none", "penalty", "project"), default="none",
+    b.add_argument("--box", choices=bilevel.BOX_MODES, default="none",
                    help="box prior on mean-subtracted pixels (bounds --box-bounds)")
     b.add_argument("--box-bounds", default="-1,1", help="lo,hi (default -1,1)")
     b.add_argument("--box-weight", default=None, help="box penalty weight (or a comma list; bilevel default 0, "
                                                       "kkt default 1, a single value)")
     b.add_argument("--tv-weight", default="0", help="weight of total variation (or a comma list)")
-    b.add_argument("--backend", choices=("jaxopt", "custom_vjp"), default="jaxopt", help="inner solver backend")
+    b.add_argument("--backend", choices=tuple(BACKENDS), default="jaxopt", help="inner solver backend")
     b.add_argument("--inner-tol", type=float, default=None,
                    help="inner ||grad L|| tolerance (default by dtype: 1e-10 float64, 1e-6 float32)")
     b.add_argument("--inner-maxiter", type=int, default=500)
@@ -154,7 +163,7 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     b.add_argument("--cg-maxiter", type=int, default=200)
     b.add_argument("--cg-tol", type=float, default=None,
                    help="relative CG tolerance (default by dtype: 1e-10 float64, 1e-6 float32)")
-    b.add_argument("--warm-start", choices=("previous", "victim"), default="previous",
+    b.add_argument("--warm-start", choices=bilevel.WARM_STARTS, default="previous",
                    help="implicit engine: start each inner solve from the previous step's solution (default) or theta*")
     b.add_argument("--engine", choices=ENGINES, default="auto",
                    help="amortized: theta and the adjoint carried across steps, fixed Newton-CG and "
@@ -164,7 +173,7 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     b.add_argument("--newton-steps", type=int, default=1, help="amortized: Newton steps per outer step (default 1)")
     b.add_argument("--newton-cg", type=int, default=8, help="amortized: CG iterations per Newton step (default 8)")
     b.add_argument("--adjoint-cg", type=int, default=8, help="amortized: adjoint CG iterations per step (default 8)")
-    b.add_argument("--adjoint-hessian", choices=("updated", "shared"), default="updated",
+    b.add_argument("--adjoint-hessian", choices=bilevel.ADJOINT_HESSIANS, default="updated",
                    help="amortized: adjoint at the Newton-updated theta (default), or solved with the Newton step "
                         "as one block CG on one shared linearisation (cheaper, less exact; uses --newton-cg)")
     b.add_argument("--refresh-every", type=int, default=100,
@@ -174,16 +183,16 @@ def _add_attack_args(p, *, sweep: bool) -> None:
                         "improvement), cosine (warm-up, cosine decay to 1%%) or constant")
     b.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up steps (default 20)")
     k = p.add_argument_group("kkt")
-    k.add_argument("--task", choices=("binary", "multiclass", "regression"), default=None,
+    k.add_argument("--task", choices=kkt.TASKS, default=None,
                    help="default from the victim: logistic->binary, mse->regression, ce->multiclass without weight "
                         "decay and regression with it (the form that holds exactly at its stationary point)")
-    k.add_argument("--stationarity", choices=("global", "per_tensor"), default="global",
+    k.add_argument("--stationarity", choices=kkt.STATIONARITY, default="global",
                    help="global: sum over tensors of ||theta*_t - G_t||^2 (the reference); per_tensor: relative")
     k.add_argument("--lr-lambda", type=float, default=1e-4, help="learning rate on lambda (reference 1e-4)")
     k.add_argument("--alpha", default="300", help="modified-ReLU sharpness (relu victims), or a comma list")
     k.add_argument("--lambda-min", default="0.05", help="lambda lower bound, or a comma list")
     k.add_argument("--lambda-weight", type=float, default=5.0, help="weight of the lambda >= lambda_min hinge")
-    k.add_argument("--kkt-box", choices=("centered", "pixel"), default="centered",
+    k.add_argument("--kkt-box", choices=kkt.BOXES, default="centered",
                    help="box of the prior: centered = [-1,1] on mean-subtracted pixels (the reference); pixel = "
                         "candidate + training mean in [0,1] (needs the victim's released preprocessing.npz)")
     k.add_argument("--n-candidates", type=int, default=None, help="m candidates (default 2N)")
@@ -191,7 +200,7 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="shard each batch over this many local devices (default: all)")
     p.add_argument("--segment", type=int, default=100, help="steps between resumable checkpoints")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (theta* is cast to it). Default: bilevel the victim's; kkt float32, "
                         "which benchmarks/precision.py measured safe for it (--dtype float64 to keep float64)")
     p.add_argument("--seed", type=int, default=0)

@@ -95,8 +95,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax import lax
 
+from recon_jax.attack import Attack, box_penalty, descent_direction, freeze, register_attack, scan_steps
 from recon_jax.errors import ConfigError
 from recon_jax.models import MLP
 from recon_jax.objectives import all_finite, signed_labels, squared_norm
@@ -244,13 +244,6 @@ def stationarity(kind: str, victim_params, combination) -> jax.Array:
     raise ConfigError(f"unknown KKT stationarity {kind!r}; choose one of {', '.join(STATIONARITY)}")
 
 
-def box_penalty(images: jax.Array, lower: jax.Array | float = BOX_BOUNDS[0],
-                upper: jax.Array | float = BOX_BOUNDS[1]) -> jax.Array:
-    """Σ relu(x − u)² + relu(l − x)² over all pixels: images (m,h,w,c), l and u scalars or
-    broadcastable to (h,w,c) -> scalar. Zero exactly when l ≤ x ≤ u everywhere."""
-    return jnp.sum(jax.nn.relu(images - upper) ** 2 + jax.nn.relu(lower - images) ** 2)
-
-
 def box_bounds(box: str, input_mean: np.ndarray | None, image_shape: Sequence[int]):
     """(l, u) of ``box`` in mean-subtracted space: ``centered`` (−1, 1); ``pixel`` (−μ, 1 − μ)
     with μ the training mean, shape (1, h, w, c) or (h, w, c), read as (h, w, c)."""
@@ -294,10 +287,9 @@ def kkt_loss(config: KKTConfig, problem: Problem, hyper: Hyper, images: jax.Arra
 
 
 def _optimizer(config: KKTConfig) -> optax.GradientTransformation:
-    # Learning rates are applied outside, so that they can be traced, vmapped values.
-    if config.optimizer == "adam":
-        return optax.scale_by_adam()
-    return optax.trace(decay=config.momentum)
+    """SGD momentum or Adam (``recon_jax.attack.descent_direction``); the learning rates are
+    applied outside, so that they can be traced, vmapped values."""
+    return descent_direction(config.optimizer, config.momentum)
 
 
 def _check_shapes(config: KKTConfig, problem: Problem, images: jax.Array, lambdas: jax.Array) -> None:
@@ -354,7 +346,7 @@ def step(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState):
     lambdas = state.lambdas - hyper.lr_lambda * updates[1]
 
     ok = jnp.isfinite(total) & all_finite(grads) & ~state.diverged
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    keep = lambda new, old: freeze(ok, new, old)
     new_state = KKTState(images=keep(images, state.images), lambdas=keep(lambdas, state.lambdas),
                          opt_state=keep(opt_state, state.opt_state), step=state.step + 1, diverged=~ok)
     return new_state, {"kkt_loss": total, **terms}
@@ -366,7 +358,7 @@ def run_steps(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState
     Hyperparameters given as arrays must have θ*'s dtype (Python floats adapt to it)."""
     _check_dtypes(problem, **{f"the hyperparameter {name}": value for name, value in vars(hyper).items()
                               if isinstance(value, (jax.Array, np.ndarray)) and not getattr(value, "weak_type", False)})
-    return lax.scan(lambda s, _: step(config, problem, hyper, s), state, None, length=n_steps)
+    return scan_steps(lambda s: step(config, problem, hyper, s), state, n_steps)
 
 
 def evaluate(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState) -> dict:
@@ -375,6 +367,20 @@ def evaluate(config: KKTConfig, problem: Problem, hyper: Hyper, state: KKTState)
     total, terms = kkt_loss(config, problem, hyper, state.images, state.lambdas)
     return {"kkt_loss": total, "stationarity": terms["stationarity"],
             "relative_residual": terms["relative_residual"], "diverged": state.diverged}
+
+
+def attack(config: KKTConfig, problem: Problem) -> Attack:
+    """The KKT attack as a ``recon_jax.attack.Attack``: ``init_state((x₀, λ₀), hyper)`` with
+    candidates x₀ (m, h, w, c) and multipliers λ₀, ``step``, ``run_steps`` and ``evaluate`` as
+    above; the runs are ranked by ``kkt_loss`` L_KKT(x, λ)."""
+    return Attack(name="kkt", final_loss="kkt_loss",
+                  init_state=lambda start, hyper: init_state(config, problem, *start),
+                  step=lambda state, hyper: step(config, problem, hyper, state),
+                  evaluate=lambda state, hyper: evaluate(config, problem, hyper, state),
+                  run_steps=lambda state, hyper, n, start=0: run_steps(config, problem, hyper, state, n, start))
+
+
+register_attack("kkt", attack)
 
 
 def candidate_labels(label_counts: Sequence[int], m: int | None = None, task: str = "binary") -> np.ndarray | None:

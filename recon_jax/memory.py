@@ -71,6 +71,10 @@ differently, so ``benchmarks/gpu.py`` prints its measured peak
 plans for a fraction of the free memory (25% on CPU, whose memory other processes share;
 50% on accelerators, whose JAX pool is already 75% of the device), which leaves room for
 the model's error, the ``finish`` program and the host transfers.
+
+Architectures without a formula (anything but ``models.MLP``, see ``has_formula``) are sized
+by a compiled probe, ``probe_estimate``: the segment program compiled (not run) at K = 1 and
+K = 2, per_init = bytes(2) − bytes(1) and fixed = bytes(1) − per_init.
 """
 
 from __future__ import annotations
@@ -161,6 +165,14 @@ def for_kkt(victim, config, m: int, itemsize: int, segment: int = 100) -> Estima
                         itemsize=itemsize, optimizer=config.optimizer, segment=min(segment, max(config.steps, 1)))
 
 
+def has_formula(model) -> bool:
+    """Whether the formulas above apply to the victim's architecture (MLPs, affine included);
+    for any other, ``recon_jax.reconstruct`` sizes chunks with ``probe_estimate``."""
+    from recon_jax.models import MLP
+
+    return isinstance(model, MLP)
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -201,6 +213,23 @@ def measured_per_init(init, run, finish, start, hyper, segment: int, ks: Sequenc
     return {"ks": list(ks), "bytes": sizes, "slope": float(slope), "intercept": float(intercept)}
 
 
+def probe_estimate(init, run, finish, start, hyper, segment: int) -> Estimate:
+    """The compiled probe, for architectures without a formula: compile (do not run) the
+    vmapped segment program at chunk sizes K = 1 and K = 2 and read off the line
+    bytes(K) = fixed + K · per_init through the two points,
+
+        per_init = bytes(2) − bytes(1),      fixed = bytes(1) − per_init
+
+    with bytes(K) = argument + output + temp − alias bytes (``segment_bytes``). ``start`` and
+    ``hyper`` are ONE run's inputs (no batch axis). Two compiles of the segment program: seconds
+    for small victims, more for large ones. Both figures are clipped at 0 (XLA may share
+    buffers differently at K = 1); ``per_init`` is at least one byte.
+    """
+    one, two = (segment_bytes(init, run, finish, start, hyper, k, segment) for k in (1, 2))
+    per_init = max(two - one, 1)
+    return Estimate(per_init=per_init, fixed=max(one - per_init, 0), terms={"compiled_probe": per_init})
+
+
 # --------------------------------------------------------------------------- checking the model
 
 
@@ -226,9 +255,8 @@ def bilevel_case(hidden: Sequence[int], image_shape: Sequence[int], n_images: in
                               objective=make_objective(model.apply, "ce", 1e-3))
     config = bilevel.BilevelConfig(steps=segment, optimizer=optimizer, record_cg_residual=record_cg_residual,
                                    inner=InnerConfig(backend=backend, history_size=history_size))
-    program = (lambda x, h: bilevel.init_state(config, problem, x),
-               lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i),
-               lambda s, h: bilevel.evaluate(config, problem, s),
+    attack = bilevel.attack(config, problem)
+    program = (attack.init_state, attack.run_steps, attack.evaluate,
                jnp.zeros((n_images, *image_shape), dtype),
                bilevel.Hyper(*(jnp.zeros((), dtype) for _ in range(3))))
     estimate = bilevel_estimate(n_params=count_params(params), n_images=n_images, image_size=math.prod(image_shape),
@@ -258,9 +286,8 @@ def kkt_case(hidden: Sequence[int], image_shape: Sequence[int], m: int, n_out: i
     counts = (m // 2, m - m // 2) if n_out == 1 else tuple(m // n_out + (c < m % n_out) for c in range(n_out))
     problem = kkt.Problem(victim_params=params, labels=jnp.asarray(kkt.candidate_labels(counts, m, task)), model=model)
     config = kkt.KKTConfig(steps=segment, task=task, optimizer=optimizer)
-    program = (lambda start, h: kkt.init_state(config, problem, *start),
-               lambda s, h, n, i=0: kkt.run_steps(config, problem, h, s, n, i),
-               lambda s, h: kkt.evaluate(config, problem, h, s),
+    attack = kkt.attack(config, problem)
+    program = (attack.init_state, attack.run_steps, attack.evaluate,
                (jnp.zeros((m, *image_shape), dtype), jnp.zeros((m,), dtype)),
                kkt.Hyper(*(jnp.zeros((), dtype) for _ in range(4))))
     estimate = kkt_estimate(n_params=count_params(params), m=m, image_size=math.prod(image_shape), hidden=hidden,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,10 +37,22 @@ from jax import lax
 
 from recon_jax.errors import ConfigError
 
-ACTIVATIONS = ("relu", "gelu", "softplus", "tanh")
-SMOOTH_ACTIVATIONS = ("gelu", "softplus", "tanh")
-# Only for the attacked copy of a relu network (KKT attack, Haim et al. 2022); never for training.
-ATTACK_ACTIVATIONS = ("modified_relu",)
+ACTIVATIONS: dict[str, Callable] = {}
+"""Activations a victim may be trained with: name -> factory(softplus_beta, alpha) -> σ.
+Add one with ``register_activation`` (one line); ``activation_fn`` looks names up here."""
+SMOOTH_ACTIVATIONS: list[str] = []
+"""The registered activations with σ'' ≠ 0 (``register_activation(..., smooth=True)``)."""
+ATTACK_ACTIVATIONS: dict[str, Callable] = {}
+"""Activations only for the attacked copy of a network (KKT attack, Haim et al. 2022); never for training."""
+
+
+def register_activation(name: str, factory: Callable, *, smooth: bool = False, attack_only: bool = False) -> None:
+    """Register σ under ``name``: ``factory(softplus_beta, alpha) -> σ`` with σ elementwise,
+    (...) -> (...). ``smooth``: σ has a nonzero second derivative (the bilevel certificate and
+    the KKT attack's double backward rely on it); ``attack_only``: for attacked copies only."""
+    (ATTACK_ACTIVATIONS if attack_only else ACTIVATIONS)[name] = factory
+    if smooth and name not in SMOOTH_ACTIVATIONS:
+        SMOOTH_ACTIVATIONS.append(name)
 
 
 @jax.custom_jvp
@@ -74,19 +87,25 @@ def activation_fn(name: str, softplus_beta: float = 1.0, alpha: float = 100.0) -
     gelu is the exact (erf) form, so second derivatives are exact too. ``modified_relu``
     (attack copies only) uses ``alpha``, see ``modified_relu``.
     """
-    if name == "modified_relu":
-        return lambda z: modified_relu(z, jnp.asarray(alpha, z.dtype))
-    if name == "relu":
-        return jax.nn.relu
-    if name == "gelu":
-        return lambda z: jax.nn.gelu(z, approximate=False)
-    if name == "softplus":
-        if not softplus_beta > 0:
-            raise ConfigError(f"softplus sharpness must be > 0, got {softplus_beta}; pass e.g. softplus_beta=1.0")
-        return lambda z: jax.nn.softplus(softplus_beta * z) / softplus_beta
-    if name == "tanh":
-        return jnp.tanh
-    raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    factory = ACTIVATIONS.get(name) or ATTACK_ACTIVATIONS.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return factory(softplus_beta, alpha)
+
+
+def _softplus(beta: float, alpha: float) -> Callable[[jax.Array], jax.Array]:
+    """σ(z) = log(1 + exp(βz)) / β, β > 0."""
+    if not beta > 0:
+        raise ConfigError(f"softplus sharpness must be > 0, got {beta}; pass e.g. softplus_beta=1.0")
+    return lambda z: jax.nn.softplus(beta * z) / beta
+
+
+register_activation("relu", lambda beta, alpha: jax.nn.relu)
+register_activation("gelu", lambda beta, alpha: lambda z: jax.nn.gelu(z, approximate=False), smooth=True)
+register_activation("softplus", _softplus, smooth=True)
+register_activation("tanh", lambda beta, alpha: jnp.tanh, smooth=True)
+register_activation("modified_relu", lambda beta, alpha: lambda z: modified_relu(z, jnp.asarray(alpha, z.dtype)),
+                    attack_only=True)
 
 
 class Dense(nn.Module):
@@ -148,7 +167,7 @@ class MLP(nn.Module):
             raise ConfigError(f"n_out must be >= 1, got {self.n_out}")
         if any(int(h) < 1 for h in self.hidden):
             raise ConfigError(f"hidden widths must be >= 1, got {self.hidden}")
-        if self.activation not in ACTIVATIONS + ATTACK_ACTIVATIONS:
+        if self.activation not in ACTIVATIONS and self.activation not in ATTACK_ACTIVATIONS:
             activation_fn(self.activation)  # raises the "unknown activation" error
         if self.activation == "softplus":
             activation_fn(self.activation, self.softplus_beta)
@@ -203,8 +222,40 @@ def expected_param_count(model: MLP, image_shape: Sequence[int]) -> int:
                for d_in, d_out, bias in zip(dims[:-1], dims[1:], model.layer_biases))
 
 
-def model_config(model: MLP) -> dict:
-    """The architecture as a JSON-serialisable dict (inverse: ``model_from_config``)."""
+class Architecture(NamedTuple):
+    """A victim architecture: its flax module class and ``from_config(cfg) -> module``, the
+    inverse of ``model_config`` (``cfg`` is the ``model`` entry of victim.json)."""
+
+    cls: type
+    from_config: Callable[[dict], nn.Module]
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+"""Victim architectures by name (victim.json's ``model.arch``, absent for "mlp")."""
+
+
+def register_architecture(name: str, cls: type, from_config: Callable[[dict], nn.Module]) -> None:
+    """Register a victim architecture (one line); ``model_from_config`` dispatches on its name."""
+    ARCHITECTURES[name] = Architecture(cls=cls, from_config=from_config)
+
+
+def architecture_name(model: nn.Module) -> str:
+    """The registered name of ``model``'s architecture (ConfigError if it has none)."""
+    for name, entry in ARCHITECTURES.items():
+        if type(model) is entry.cls:
+            return name
+    raise ConfigError(f"{type(model).__name__} is not a registered architecture; register it with "
+                      "models.register_architecture")
+
+
+def model_config(model: nn.Module) -> dict:
+    """The architecture as a JSON-serialisable dict (inverse: ``model_from_config``). An MLP's
+    dict has no ``arch`` key (the default, as in every victim.json written before the
+    registry); another architecture's records its registered name and its dataclass fields."""
+    arch = architecture_name(model)
+    if arch != "mlp":
+        return {"arch": arch, **{f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+                                 if f.name not in ("parent", "name")}}
     cfg = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
            if f.name in ("n_out", "hidden", "activation", "softplus_beta", "use_bias",
                          "first_layer_init_scale")}
@@ -214,7 +265,15 @@ def model_config(model: MLP) -> dict:
     return cfg
 
 
-def model_from_config(cfg: dict) -> MLP:
+def model_from_config(cfg: dict) -> nn.Module:
+    """Rebuild a model from ``model_config`` output, by its ``arch`` (default "mlp")."""
+    arch = cfg.get("arch", "mlp")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch].from_config(cfg)
+
+
+def _mlp_from_config(cfg: dict) -> MLP:
     """Rebuild an ``MLP`` from ``model_config`` output."""
     use_bias = cfg.get("use_bias", True)
     return MLP(n_out=int(cfg["n_out"]), hidden=tuple(int(h) for h in cfg.get("hidden", ())),
@@ -222,3 +281,6 @@ def model_from_config(cfg: dict) -> MLP:
                softplus_beta=float(cfg.get("softplus_beta", 1.0)),
                use_bias=use_bias if isinstance(use_bias, bool) else tuple(use_bias),
                first_layer_init_scale=cfg.get("first_layer_init_scale"))
+
+
+register_architecture("mlp", MLP, _mlp_from_config)

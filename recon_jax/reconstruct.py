@@ -55,18 +55,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recon_jax import attack as attack_protocol
 from recon_jax import bilevel, checkpoint, kkt, memory, metrics
 from recon_jax.artifacts import atomic_save_npz, atomic_write_json, json_roundtrip, read_json, versions
 from recon_jax.batching import auto_chunk_size, check_fits, run_batched, select_devices
 from recon_jax.errors import ConfigError
 from recon_jax.initialisation import initial_images, parse_init
-from recon_jax.models import count_params
 from recon_jax.precision import default_tolerances, resolve_dtype
 from recon_jax.problems import default_kkt_task, problem_from_victim
 from recon_jax.search import resolve_ranges
 
 log = logging.getLogger(__name__)
-METHODS = ("bilevel", "kkt")
+METHODS = ("bilevel", "kkt")  # the built-in methods; ``PROGRAMS`` holds every registered one
 
 BILEVEL_LR_RANGE = (1e-3, 1e-1)  # random search for bilevel sweeps: log-uniform learning rate
 BILEVEL_INIT_SCALE_RANGE = (1e-3, 0.3)  # and log-uniform gaussian init scale
@@ -105,8 +105,8 @@ class ReconstructionSpec:
     kkt: kkt.KKTConfig | None = None  # None: derived from the victim (task from its loss)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in PROGRAMS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(PROGRAMS)}")
         parse_init(self.init)
         if self.n_inits < 1:
             raise ConfigError(f"--n-inits must be >= 1, got {self.n_inits}")
@@ -168,12 +168,6 @@ def bytes_per_init(victim: checkpoint.Victim, config: bilevel.BilevelConfig, ite
     return memory.for_bilevel(victim, config, itemsize, segment).per_init
 
 
-def _kkt_bytes_per_run(victim: checkpoint.Victim, m: int, itemsize: int, config: kkt.KKTConfig | None = None,
-                       segment: int = 100) -> int:
-    """Device bytes of one KKT run (``recon_jax.memory.for_kkt``)."""
-    return memory.for_kkt(victim, config or kkt.KKTConfig(), m, itemsize, segment).per_init
-
-
 def _runs(spec: ReconstructionSpec, grid_names: tuple[str, ...], grid_values: tuple, sampled: dict | None,
           n_settings: int) -> dict:
     """Per-run hyperparameter lists (K,), initialisation-major."""
@@ -196,6 +190,26 @@ def _starting_images(spec, labels, victim, truth, dtype, n_settings, init_scale)
     x0 = initial_images(init_spec, spec.n_inits, labels, victim.image_shape, seed=spec.seed,
                         ground_truth=truth, dtype=dtype)
     return np.repeat(x0, n_settings, axis=0)
+
+
+def _program(attack: attack_protocol.Attack, start, hyper, labels, x0, runs, estimate: memory.Estimate,
+             steps: int) -> Program:
+    """A ``Program`` from an attack's functions and the batched inputs (leading axis K)."""
+    return Program(init=attack.init_state, run=attack.run_steps, finish=attack.evaluate, start=start, hyper=hyper,
+                   labels=labels, init_centered=x0, run_settings=runs, final_loss=attack.final_loss,
+                   bytes_per_run=estimate.per_init, steps=steps, fixed_bytes=estimate.fixed)
+
+
+def _memory_estimate(victim: checkpoint.Victim, attack: attack_protocol.Attack, start, hyper, segment: int,
+                     steps: int, formula: Callable[[], memory.Estimate]) -> memory.Estimate:
+    """Device bytes of one run: the method's formula (``recon_jax.memory``) where the victim's
+    architecture has one, otherwise the compiled probe ``memory.probe_estimate`` on the first
+    run's inputs (the batched ``start`` and ``hyper`` have a leading axis K)."""
+    if memory.has_formula(victim.model):
+        return formula()
+    first = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
+    return memory.probe_estimate(attack.init_state, attack.run_steps, attack.evaluate, first(start), first(hyper),
+                                 min(segment, max(steps, 1)))
 
 
 def _bilevel_search_ranges(overrides: dict | None) -> dict:
@@ -226,13 +240,11 @@ def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     if init_scale is not None:
         runs["init_scale"] = np.tile(init_scale, spec.n_inits)
     hyper = bilevel.Hyper(**{k: jnp.asarray(runs[k], dtype) for k in ("learning_rate", "box_weight", "tv_weight")})
-    return Program(
-        init=lambda x, h: bilevel.init_state(config, problem, x),
-        run=lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i),
-        finish=lambda s, h: bilevel.evaluate(config, problem, s),
-        start=jnp.asarray(x0), hyper=hyper, labels=labels, init_centered=x0, run_settings=runs,
-        final_loss="outer_loss", bytes_per_run=bytes_per_init(victim, config, np.dtype(dtype).itemsize, spec.segment),
-        steps=config.steps, fixed_bytes=count_params(victim.params) * np.dtype(dtype).itemsize)
+    attack = attack_protocol.attacks()["bilevel"](config, problem)
+    start = jnp.asarray(x0)
+    estimate = _memory_estimate(victim, attack, start, hyper, spec.segment, config.steps,
+                                lambda: memory.for_bilevel(victim, config, np.dtype(dtype).itemsize, spec.segment))
+    return _program(attack, start, hyper, labels, x0, runs, estimate, config.steps)
 
 
 def _kkt_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
@@ -260,14 +272,25 @@ def _kkt_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     keys = jax.random.split(jax.random.key(spec.seed + 2), len(x0))
     lambdas = jax.vmap(lambda k: kkt.initial_lambdas(k, m, config.task, n_outputs, dtype))(keys)
     hyper = kkt.Hyper(**{k: jnp.asarray(runs[k], dtype) for k in ("lr_x", "lr_lambda", "alpha", "lambda_min")})
-    return Program(
-        init=lambda start, h: kkt.init_state(config, problem, *start),
-        run=lambda s, h, n, i=0: kkt.run_steps(config, problem, h, s, n, i),
-        finish=lambda s, h: kkt.evaluate(config, problem, h, s),
-        start=(jnp.asarray(x0), lambdas), hyper=hyper, labels=labels, init_centered=x0, run_settings=runs,
-        final_loss="kkt_loss",
-        bytes_per_run=_kkt_bytes_per_run(victim, m, np.dtype(dtype).itemsize, config, spec.segment),
-        steps=config.steps, fixed_bytes=count_params(victim.params) * np.dtype(dtype).itemsize)
+    attack = attack_protocol.attacks()["kkt"](config, problem)
+    start = (jnp.asarray(x0), lambdas)
+    estimate = _memory_estimate(victim, attack, start, hyper, spec.segment, config.steps,
+                                lambda: memory.for_kkt(victim, config, m, np.dtype(dtype).itemsize, spec.segment))
+    return _program(attack, start, hyper, labels, x0, runs, estimate, config.steps)
+
+
+PROGRAMS: dict[str, Callable] = {}
+"""Program builders by method: ``PROGRAMS[method](spec, victim, truth, dtype) -> Program``."""
+
+
+def register_method(name: str, build: Callable) -> Callable:
+    """Register a program builder for ``ReconstructionSpec.method == name`` (one line per method)."""
+    PROGRAMS[name] = build
+    return build
+
+
+register_method("bilevel", _bilevel_program)
+register_method("kkt", _kkt_program)
 
 
 def sorted_ground_truth(directory) -> dict | None:
@@ -411,7 +434,7 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
                     "objective cannot reach 0 at the true images", victim.report.get("note", ""))
 
     truth = sorted_ground_truth(victim_dir)
-    build = _bilevel_program if spec.method == "bilevel" else _kkt_program
+    build = PROGRAMS[spec.method]
     if dtype_note:
         log.warning("%s", dtype_note)
     program = build(run_spec, victim, truth, dtype)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,24 @@ from recon_jax.errors import ConfigError
 from recon_jax.objectives import squared_norm
 from recon_jax.precision import check_same_dtype, default_tolerances, tree_dtype
 
-BACKENDS = ("jaxopt", "custom_vjp")
+class Backend(NamedTuple):
+    """An inner-solver backend: ``argmin(fun, config, init_params, images, labels, probe,
+    adjoint_init) -> (θ, InnerInfo)`` differentiable in the images by the implicit function
+    theorem, and ``solve(fun, config, init_params, images, labels, probe) -> (θ, InnerInfo)``,
+    the same forward iterations without a differentiation rule. ``fun`` is ``probed(L)``;
+    ``config`` has its tolerances resolved."""
+
+    argmin: Callable
+    solve: Callable
+
+
+BACKENDS: dict[str, Backend] = {}
+"""Inner-solver backends by name (``InnerConfig.backend``); add one with ``register_backend``."""
+
+
+def register_backend(name: str, argmin: Callable, solve: Callable) -> None:
+    """Register an inner-solver backend (see ``Backend``) under ``name``: one line per backend."""
+    BACKENDS[name] = Backend(argmin=argmin, solve=solve)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +137,7 @@ def make_argmin(objective: Callable, config: InnerConfig) -> Callable:
     (``InnerConfig.resolved``), and images of another dtype than θ are refused (ConfigError).
     """
     fun = probed(objective)
-    argmin = _argmin_jaxopt if config.backend == "jaxopt" else _argmin_custom_vjp
+    argmin = BACKENDS[config.backend].argmin
 
     def call(init_params, images, labels, probe, adjoint_init):
         check_same_dtype("the images", images, init_params,
@@ -150,16 +168,7 @@ def make_solve(objective: Callable, config: InnerConfig) -> Callable:
         resolved = config.resolved(tree_dtype(init_params))
         probe = jax.tree_util.tree_map(jnp.zeros_like, init_params)
         images, labels = lax.stop_gradient(images), lax.stop_gradient(labels)
-        if config.backend == "jaxopt":
-            solver = _LBFGS(fun=fun, tol=resolved.tol, maxiter=resolved.maxiter, history_size=resolved.history_size,
-                            jit=True, stop_if_linesearch_fails=True, implicit_diff=False,
-                            unroll=False)  # "auto" would unroll (a masked scan of maxiter steps) without implicit diff
-            params, state = solver.run(init_params, images, labels, probe)
-            failed = state.failed_linesearch & (state.error > resolved.tol)
-            info = InnerInfo(iterations=state.iter_num, grad_norm=state.error, failed_linesearch=failed)
-        else:
-            params, info = lbfgs_minimize(lambda p: fun(p, images, labels, probe), init_params, tol=resolved.tol,
-                                          maxiter=resolved.maxiter, history_size=resolved.history_size)
+        params, info = BACKENDS[config.backend].solve(fun, resolved, init_params, images, labels, probe)
         return jax.tree_util.tree_map(lax.stop_gradient, (params, info))
 
     return call
@@ -176,6 +185,22 @@ class _LBFGS(jaxopt.LBFGS):
         params, new = super().update(params, state, *args, **kwargs)
         stalled = new.failed_linesearch & ~(new.value < state.value)
         return jaxopt.OptStep(params=params, state=new._replace(failed_linesearch=stalled))
+
+
+def _solve_jaxopt(fun, config: InnerConfig, init_params, images, labels, probe):
+    """The jaxopt backend's forward solve, without implicit differentiation."""
+    solver = _LBFGS(fun=fun, tol=config.tol, maxiter=config.maxiter, history_size=config.history_size,
+                    jit=True, stop_if_linesearch_fails=True, implicit_diff=False,
+                    unroll=False)  # "auto" would unroll (a masked scan of maxiter steps) without implicit diff
+    params, state = solver.run(init_params, images, labels, probe)
+    failed = state.failed_linesearch & (state.error > config.tol)
+    return params, InnerInfo(iterations=state.iter_num, grad_norm=state.error, failed_linesearch=failed)
+
+
+def _solve_lbfgs(fun, config: InnerConfig, init_params, images, labels, probe):
+    """The custom_vjp backend's forward solve: ``lbfgs_minimize`` on L(θ; x) + ⟨probe, θ⟩."""
+    return lbfgs_minimize(lambda p: fun(p, images, labels, probe), init_params, tol=config.tol,
+                          maxiter=config.maxiter, history_size=config.history_size)
 
 
 def _argmin_jaxopt(fun, config: InnerConfig, init_params, images, labels, probe, adjoint_init):
@@ -267,3 +292,7 @@ def _argmin_custom_vjp(fun, config: InnerConfig, init_params, images, labels, pr
     argmin.defvjp(forward, backward)
     params, info = argmin(init_params, images, labels, probe, adjoint_init)
     return params, jax.tree_util.tree_map(lax.stop_gradient, info)
+
+
+register_backend("jaxopt", _argmin_jaxopt, _solve_jaxopt)
+register_backend("custom_vjp", _argmin_custom_vjp, _solve_lbfgs)

@@ -22,6 +22,7 @@ import pytest
 
 from recon_jax import batching, checkpoint, data, memory
 from recon_jax.errors import ConfigError
+from recon_jax.kkt import KKTConfig
 from recon_jax.models import MLP, init_params
 from recon_jax.reconstruct import ReconstructionSpec, reconstruct
 from recon_jax.training import TrainConfig, TrainReport
@@ -108,3 +109,28 @@ def test_reconstruct_plans_chunks_from_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(batching, "available_memory_bytes", lambda devices=None: free)
     assert batching.auto_chunk_size(10, estimate.per_init, fixed_bytes=estimate.fixed) == 3
     assert np.isclose(estimate.per_init, 8 * (55 * 130 + 7 * 4 * 64 + 4 * 4 * 2 + 5 * 100))
+
+
+def test_compiled_probe_agrees_with_the_formula_on_an_mlp():
+    # The probe (two compiles, K = 1 and 2) is the fallback for architectures without a formula;
+    # on MLPs, which have one, it must agree with it to within a factor of ~3.
+    for case in (memory.kkt_case((32,), (6, 6, 1), 20), memory.kkt_case((24, 16), (4, 4, 3), 12, optimizer="adam")):
+        init, run, finish, start, hyper = case["program"]
+        probe = memory.probe_estimate(init, run, finish, start, hyper, case["segment"])
+        ratio = probe.per_init / case["estimate"].per_init
+        assert 1 / 3 <= ratio <= 3, (case["name"], probe, case["estimate"])
+        assert probe.fixed >= 0 and probe.terms == {"compiled_probe": probe.per_init}
+
+
+def test_reconstruct_sizes_chunks_with_the_probe_without_a_formula(tmp_path, monkeypatch):
+    folder = _victim_folder(tmp_path / "victim")
+    task = ReconstructionSpec(method="kkt").kkt_config(checkpoint.load_victim(folder)).task
+    spec = ReconstructionSpec(method="kkt", n_inits=2, segment=5, kkt=KKTConfig(task=task, steps=5))
+    formula = reconstruct(folder, tmp_path / "formula", spec)["bytes_per_run_estimate"]
+    calls = []
+    probe = memory.probe_estimate
+    monkeypatch.setattr(memory, "has_formula", lambda model: False)
+    monkeypatch.setattr(memory, "probe_estimate", lambda *a: calls.append(a) or probe(*a))
+    probed = reconstruct(folder, tmp_path / "probe", spec)["bytes_per_run_estimate"]
+    assert len(calls) == 1 and calls[0][-1] == 5  # one probe, at the run's segment length
+    assert 1 / 3 <= probed / formula <= 3, (probed, formula)

@@ -1,0 +1,114 @@
+"""The attack protocol: what every reconstruction attack is to the rest of the library.
+
+An attack is a bundle of pure functions of ONE run (one initialisation, one set of
+hyperparameters), in the style of ``optax.GradientTransformation``:
+
+    init_state(start, hyper)            -> state          start: x₀ (N, h, w, c), or (x₀, λ₀) for KKT
+    step(state, hyper)                  -> (state, record)         one optimiser step
+    run_steps(state, hyper, n, start=0) -> (state, history)        n steps as one ``lax.scan``;
+                                                                   history = {name: (n,)}
+    evaluate(state, hyper)              -> {final_loss: scalar, "diverged": bool, ...}
+
+plus its ``name`` and ``final_loss`` (the key of ``evaluate``'s result that ranks runs).
+``recon_jax.batching.run_batched`` vmaps, chunks and checkpoints these functions, so a new
+attack needs nothing else from the batching, evaluation and study layers. Each concrete
+attack module exposes a constructor ``attack(config, problem) -> Attack`` and registers it in
+``ATTACKS`` with one call, ``register_attack("name", attack)`` (``recon_jax.bilevel`` and
+``recon_jax.kkt`` do so on import; ``attacks()`` imports both and returns the registry).
+
+The pieces both attacks share live here: the box prior, the optimiser's direction, the
+non-finite freeze and the ``lax.scan`` over steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class Attack(NamedTuple):
+    """One attack made ready for ``run_batched``: pure functions of one run (module docstring).
+
+    ``init_state(start, hyper) -> state``; ``step(state, hyper) -> (state, record)``;
+    ``run_steps(state, hyper, n_steps, start=0) -> (state, history)`` with ``start`` the index
+    of the first step (shared by a batch); ``evaluate(state, hyper) -> dict`` holding
+    ``final_loss`` and ``"diverged"``.
+    """
+
+    name: str
+    final_loss: str
+    init_state: Callable[[Any, Any], Any]
+    step: Callable[[Any, Any], tuple[Any, dict]]
+    evaluate: Callable[[Any, Any], dict]
+    run_steps: Callable[..., tuple[Any, dict]]
+
+
+ATTACKS: dict[str, Callable[[Any, Any], Attack]] = {}
+"""Attack constructors by name: ``ATTACKS[name](config, problem) -> Attack``."""
+
+
+def register_attack(name: str, constructor: Callable[[Any, Any], Attack]) -> Callable[[Any, Any], Attack]:
+    """Register ``constructor(config, problem) -> Attack`` under ``name`` (one line per attack)."""
+    ATTACKS[name] = constructor
+    return constructor
+
+
+def attacks() -> dict[str, Callable[[Any, Any], Attack]]:
+    """The registry with the built-in attacks (bilevel, kkt) imported, hence registered."""
+    from recon_jax import bilevel, kkt  # noqa: F401  (registration on import)
+
+    return ATTACKS
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def box_penalty(images: jax.Array, lower: jax.Array | float = -1.0, upper: jax.Array | float = 1.0) -> jax.Array:
+    """The box prior on pixels (Haim et al. 2022; Runkel et al. 2024):
+
+        B(x) = Σ_pixels relu(x − u)² + relu(l − x)²
+
+    images x (N, h, w, c); l and u scalars or arrays broadcastable to one image (h, w, c);
+    returns a scalar, zero exactly when l ≤ x ≤ u everywhere.
+    """
+    return jnp.sum(jax.nn.relu(images - upper) ** 2 + jax.nn.relu(lower - images) ** 2)
+
+
+def descent_direction(optimizer: str, momentum: float = 0.9, *, extra_args: bool = False,
+                      plateau: tuple[float, int] | None = None):
+    """The optimiser's direction u(g) WITHOUT the learning rate, which callers apply outside
+    so that it can be a traced, vmapped value (x ← x − η u):
+
+        adam   u = m̂ / (sqrt(v̂) + ε)      (optax.scale_by_adam, Kingma & Ba 2015)
+        sgd    u ← μ u + g                  (heavy-ball momentum, optax.trace with decay μ)
+
+    ``plateau=(factor, patience)`` chains optax.contrib.reduce_on_plateau (rtol 1e-3: an
+    "improvement" must lower the objective by 0.1%), whose ``update`` takes ``value=``;
+    ``extra_args=True`` gives the plain direction the same ``update(..., value=)`` signature.
+    """
+    base = optax.scale_by_adam() if optimizer == "adam" else optax.trace(decay=momentum)
+    if plateau is not None:
+        factor, patience = plateau
+        return optax.chain(base, optax.contrib.reduce_on_plateau(factor=factor, patience=patience,
+                                                                  rtol=1e-3, atol=0.0))
+    return optax.with_extra_args_support(base) if extra_args else base
+
+
+def freeze(ok: jax.Array, new, old):
+    """The non-finite freeze: ``new`` where ``ok`` (a scalar bool), else ``old``, leaf by leaf
+    (pytrees of equal structure). A run that met a non-finite value keeps its last finite
+    state; the other runs of a vmapped batch are unaffected."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def scan_steps(step: Callable, state, n_steps: int):
+    """``n_steps`` applications of ``step(state) -> (state, record)`` as one ``lax.scan``:
+    (state, {name: (n_steps,)} history)."""
+    return lax.scan(lambda s, _: step(s), state, None, length=n_steps)
