@@ -155,3 +155,12 @@ def test_no_attack_or_evaluation_module_names_the_mlp():
     offenders = [f"{f.relative_to(ROOT)}:{i}" for f in files
                  for i, line in enumerate(f.read_text().splitlines(), 1) if re.search(r"\bMLP\b", line)]
     assert len(files) >= len(ATTACK_MODULES) and not offenders, offenders
+
+
+def test_study_names_a_cnn_victim_from_its_saved_config():
+    from recon_jax.study import model_name
+
+    assert model_name(model_config(CNN(n_out=10, channels=(4, 8)))) == "cnn-gelu-4-8"
+    assert model_name(model_config(CNN(n_out=10, channels=(4,), dense_hidden=(16,)))) == "cnn-gelu-4-d16"
+    assert model_name(model_config(MLP(n_out=10, hidden=(64,)))) == "mlp-gelu-64"
+    assert model_name(model_config(MLP(n_out=10))) == "affine"
