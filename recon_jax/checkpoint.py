@@ -23,11 +23,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import serialization
 
 from recon_jax.artifacts import atomic_save_npz, atomic_write_bytes, atomic_write_json, read_json, versions
 from recon_jax.errors import CheckpointError
-from recon_jax.models import MLP, model_config, model_from_config
+from recon_jax.models import describe, model_config, model_from_config
 from recon_jax.precision import cast_tree, resolve_dtype
 from recon_jax.training import TrainConfig, TrainReport
 
@@ -44,7 +45,7 @@ class Victim:
     and class-balanced, as in Runkel et al. 2024); it is metadata, not the images.
     """
 
-    model: MLP
+    model: nn.Module
     params: dict
     image_shape: tuple[int, int, int]
     train_config: TrainConfig
@@ -63,7 +64,7 @@ class Victim:
         return np.repeat(np.arange(len(self.label_counts)), self.label_counts).astype(np.int32)
 
 
-def save_victim(directory: str | os.PathLike, *, model: MLP, params, image_shape, train_config: TrainConfig,
+def save_victim(directory: str | os.PathLike, *, model: nn.Module, params, image_shape, train_config: TrainConfig,
                 report: TrainReport, data, seed: int, extra: dict | None = None) -> Path:
     """Write a victim folder atomically. ``data`` is a ``recon_jax.data.VictimData``."""
     directory = Path(directory)
@@ -95,7 +96,7 @@ def save_victim(directory: str | os.PathLike, *, model: MLP, params, image_shape
     return directory
 
 
-def load_params(path: str | os.PathLike, model: MLP, image_shape) -> dict:
+def load_params(path: str | os.PathLike, model: nn.Module, image_shape) -> dict:
     """Read θ* from a msgpack file and check it against ``model``'s parameter shapes.
 
     Raises CheckpointError naming the parameter and both shapes when they differ.
@@ -110,7 +111,7 @@ def load_params(path: str | os.PathLike, model: MLP, image_shape) -> dict:
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
     flat_expected = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     flat_found = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(restored)}
-    arch = f"MLP(hidden={model.hidden}, n_out={model.n_out}, use_bias={model.use_bias}) on images {tuple(image_shape)}"
+    arch = describe(model, image_shape)
     missing = sorted(set(flat_expected) - set(flat_found))
     extra = sorted(set(flat_found) - set(flat_expected))
     if missing or extra:

@@ -51,7 +51,12 @@ def _add_train(sub) -> None:
                    help="subtract the training mean per pixel (default), per channel, or not at all")
     m = p.add_argument_group("architecture")
     m.add_argument("--model", choices=("affine", *ARCHITECTURES), default="mlp")
-    m.add_argument("--hidden", default="1000", help="hidden widths, e.g. 1000 or 1000,1000 (mlp only)")
+    m.add_argument("--hidden", default=None,
+                   help="hidden widths, e.g. 1000 or 1000,1000 (mlp: default 1000; cnn: dense layers after the "
+                        "conv blocks, default none)")
+    m.add_argument("--channels", default=None,
+                   help="cnn only: output channels of the 3x3 conv + 2x2 average-pool blocks, e.g. 16,32 "
+                        "(default 16,32)")
     m.add_argument("--activation", default="gelu", help=f"{', '.join(ACTIVATIONS)} (default gelu)")
     m.add_argument("--softplus-beta", type=float, default=1.0, help="softplus sharpness beta")
     m.add_argument("--bias", default="all", help="all, none, or one 0/1 flag per layer, e.g. 1,0,0")
@@ -92,15 +97,20 @@ def _run_train(args) -> int:
 
     if args.dtype == "float64":
         enable_float64()
-    hidden = () if args.model == "affine" else (parse_int_list(args.hidden) or ())
+    hidden_text = args.hidden if args.hidden is not None else ("1000" if args.model == "mlp" else None)
+    hidden = () if args.model == "affine" else (parse_int_list(hidden_text) or ())
     if args.model == "mlp" and not hidden:
         raise ReconJaxError("--model mlp needs --hidden, e.g. --hidden 1000; use --model affine for no hidden layer")
+    if args.channels is not None and args.model != "cnn":
+        raise ReconJaxError(f"--channels is for --model cnn, not --model {args.model}")
+    channels = (parse_int_list(args.channels or "16,32") or ()) if args.model == "cnn" else ()
     spec = VictimSpec(
         dataset=args.dataset, split=args.split, data_dir=args.data_dir, n_per_class=args.n_per_class,
         classes=parse_int_list(args.classes), binary_positive=parse_int_list(args.binary_positive),
         n_heldout=args.n_heldout, mean=args.mean, hidden=hidden, activation=args.activation,
         softplus_beta=args.softplus_beta, use_bias=parse_bias(args.bias, len(hidden) + 1),
         first_layer_init_scale=args.first_layer_init_scale,
+        arch="mlp" if args.model == "affine" else args.model, channels=channels,
         train=TrainConfig(loss=args.loss, weight_decay=args.weight_decay, solver=args.solver,
                           maxiter=args.maxiter, tol=args.tol, certify_tol=args.certify_tol, dtype=args.dtype,
                           learning_rate=args.lr, acceleration=args.acceleration, cg_maxiter=args.cg_maxiter,

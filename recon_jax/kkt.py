@@ -94,11 +94,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 from flax import struct
 
 from recon_jax.attack import Attack, box_penalty, descent_direction, freeze, register_attack, scan_steps
 from recon_jax.errors import ConfigError
-from recon_jax.models import MLP
+from recon_jax.models import dense_widths, with_activation
 from recon_jax.objectives import all_finite, signed_labels, squared_norm
 from recon_jax.precision import check_same_dtype
 from recon_jax.search import resolve_ranges
@@ -176,7 +177,7 @@ class Problem:
 
     victim_params: dict
     labels: jax.Array | None
-    model: MLP = struct.field(pytree_node=False)
+    model: nn.Module = struct.field(pytree_node=False)
     box_lower: jax.Array | float = BOX_BOUNDS[0]
     box_upper: jax.Array | float = BOX_BOUNDS[1]
 
@@ -192,11 +193,12 @@ class KKTState:
     diverged: jax.Array  # bool: a non-finite loss or gradient was met; the state froze there
 
 
-def attacked_model(model: MLP, alpha: jax.Array) -> MLP:
+def attacked_model(model: nn.Module, alpha: jax.Array) -> nn.Module:
     """The network the attack differentiates: relu victims get ``modified_relu`` with sharpness α
-    (possibly traced); other activations are used as trained."""
-    if model.activation == "relu":
-        return model.clone(activation="modified_relu", alpha=alpha)
+    (possibly traced, through ``models.with_activation``, for any architecture with
+    ``activation`` and ``alpha`` fields); other activations are used as trained."""
+    if getattr(model, "activation", None) == "relu":
+        return with_activation(model, "modified_relu", alpha)
     return model
 
 
@@ -467,8 +469,9 @@ def problem_from_victim(victim: Victim, task: str, m: int | None = None, box: st
                    model=victim.model, box_lower=jnp.asarray(lower, dtype), box_upper=jnp.asarray(upper, dtype))
 
 
-def flops_per_step(model: MLP, image_shape: Sequence[int], m: int) -> int:
-    """Analytic FLOP count of one KKT step for an MLP with widths d_0 = h·w·c, d_1, …, d_L.
+def flops_per_step(model: nn.Module, image_shape: Sequence[int], m: int) -> int:
+    """Analytic FLOP count of one KKT step for a chain of dense layers with widths d_0 = h·w·c,
+    d_1, …, d_L (``models.dense_widths``; ConfigError for other architectures, e.g. a CNN).
 
     This is the count the benchmarks use. A multiply-add is 2 FLOPs, so a dense layer on m
     samples costs 2·m·d_{l−1}·d_l. With P = Σ_l d_{l−1} d_l (matmul weights only):
@@ -492,6 +495,6 @@ def flops_per_step(model: MLP, image_shape: Sequence[int], m: int) -> int:
     (e.g. 1.02 for 768-512-10, 1.05 for 192-128-128-1), but by 1.4× for an affine 10-class
     model and 6.5× for an affine binary one, where the matmuls do only 10·C FLOPs per pixel.
     """
-    dims = (math.prod(image_shape), *model.hidden, model.n_out)
+    dims = dense_widths(model, image_shape)
     weights = sum(d_in * d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
     return 14 * m * weights - 4 * m * dims[0] * dims[1]

@@ -1,4 +1,5 @@
-"""Victim architectures: one pure Flax (linen) ``MLP`` for affine, shallow and deep nets.
+"""Victim architectures: pure Flax (linen) modules, ``MLP`` for affine, shallow and deep nets
+and ``CNN`` for a small convolutional net, registered by name in ``ARCHITECTURES``.
 
 The network is used only through ``model.init`` / ``model.apply`` on plain parameter
 pytrees, so every attack can treat θ as an ordinary pytree and differentiate through it.
@@ -203,7 +204,112 @@ class MLP(nn.Module):
         return h[0] if single else h
 
 
-def init_params(model: MLP, key: jax.Array, image_shape: Sequence[int], dtype=jnp.float32):
+class Conv(nn.Module):
+    """One 'SAME' convolution that computes in its parameters' dtype, like ``Dense``:
+    h (n, H, W, c_in) -> (n, H, W, features),
+
+        y[n, i, j, o] = Σ_{di, dj, c} cast(h)[n, i + di, j + dj, c] K[di, dj, c, o] + b[o],
+        K: (k, k, c_in, features),  b: (features,),
+
+    with zero padding so that H and W are kept (``lax.conv_general_dilated``, NHWC/HWIO,
+    stride 1). The parameters are ``kernel`` and ``bias`` as in ``flax.linen.Conv``.
+    """
+
+    features: int
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, self.kernel_size, h.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, h.dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), kernel.dtype)
+        h = h.astype(kernel.dtype)
+        y = lax.conv_general_dilated(h, kernel, window_strides=(1, 1), padding="SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+
+def average_pool(h: jax.Array) -> jax.Array:
+    """2×2 average pooling with stride 2: (n, H, W, c) -> (n, ⌊H/2⌋, ⌊W/2⌋, c),
+
+        y[n, i, j, c] = ¼ Σ_{a, b ∈ {0, 1}} h[n, 2i + a, 2j + b, c]
+
+    (a trailing odd row or column is dropped). It is linear in h."""
+    n, height, width, c = h.shape
+    h = h[:, : 2 * (height // 2), : 2 * (width // 2)]
+    return h.reshape(n, height // 2, 2, width // 2, 2, c).mean(axis=(2, 4))
+
+
+class CNN(nn.Module):
+    """A small convolutional net on NHWC images:
+
+        h_0 = x,   h_k = pool(σ(conv_k(h_{k−1}))),  k = 1…K   (3×3 'SAME' conv, 2×2 average pool)
+        𝒩(θ; x) = W_L σ(… σ(W_1 vec(h_K) + b_1) …) + b_L      (``dense_hidden`` layers, then the head)
+
+    Pooling is by *average*, not max: average pooling is linear, so 𝒩 is exactly as smooth
+    as σ. Max pooling is only piecewise smooth (not differentiable where two inputs of a
+    window tie, and its Hessian ignores which input wins), which would break what the
+    bilevel attack needs: a training loss that is twice differentiable in θ, so that the
+    stationarity certificate ∇_θL(θ*) = 0 is reachable and the implicit function theorem
+    (Runkel et al. 2024) gives θ(x) with an invertible Hessian; and the KKT attack's mixed
+    derivatives ∂²φ/∂θ∂x (Haim et al. 2022), which max pooling would route through one
+    input per window only.
+
+    Attributes:
+      n_out: number of outputs.
+      channels: output channels of the conv blocks; each block halves H and W, so the image
+        needs H, W ≥ 2^len(channels).
+      activation: one of ``ACTIVATIONS`` (or an attack-only one for attacked copies).
+      dense_hidden: widths of dense hidden layers after flattening; ``()``: the head follows.
+      softplus_beta: sharpness β of softplus (ignored otherwise).
+      alpha: sharpness α of ``modified_relu`` (attack copies only; may be traced).
+
+    ``__call__`` maps images (n, h, w, c) (or one image (h, w, c)) to outputs (n, n_out), in
+    θ's dtype. Parameters: ``conv_k`` {kernel (3, 3, c_in, c_k), bias (c_k,)} for each block,
+    then ``dense_l`` {kernel (d_in, d_l), bias (d_l,)} for the dense layers and the head.
+    """
+
+    n_out: int
+    channels: tuple[int, ...] = (16, 32)
+    activation: str = "gelu"
+    dense_hidden: tuple[int, ...] = ()
+    softplus_beta: float = 1.0
+    alpha: float = 100.0
+
+    def __post_init__(self):
+        if self.n_out < 1:
+            raise ConfigError(f"n_out must be >= 1, got {self.n_out}")
+        if not self.channels or any(int(c) < 1 for c in self.channels):
+            raise ConfigError(f"a CNN needs at least one conv block with >= 1 channels, got channels={self.channels}; "
+                              "pass e.g. --channels 16,32")
+        if any(int(h) < 1 for h in self.dense_hidden):
+            raise ConfigError(f"dense hidden widths must be >= 1, got {self.dense_hidden}")
+        if self.activation not in ACTIVATIONS and self.activation not in ATTACK_ACTIVATIONS:
+            activation_fn(self.activation)  # raises the "unknown activation" error
+        if self.activation == "softplus":
+            activation_fn(self.activation, self.softplus_beta)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        single = images.ndim == 3
+        h = images[None] if single else images
+        sigma = activation_fn(self.activation, self.softplus_beta, self.alpha)
+        for k, width in enumerate(self.channels):
+            if min(h.shape[1], h.shape[2]) < 2:
+                raise ConfigError(f"images of shape {tuple(images.shape[-3:])} are too small for {len(self.channels)} "
+                                  f"conv blocks (each halves height and width); use fewer --channels")
+            h = average_pool(sigma(Conv(int(width), name=f"conv_{k}")(h)))
+        h = h.reshape((h.shape[0], -1))
+        widths = tuple(self.dense_hidden) + (self.n_out,)
+        for i, width in enumerate(widths):
+            h = Dense(int(width), name=f"dense_{i}")(h)
+            if i < len(widths) - 1:
+                h = sigma(h)
+        return h[0] if single else h
+
+
+def init_params(model: nn.Module, key: jax.Array, image_shape: Sequence[int], dtype=jnp.float32):
     """θ₀ = model.init(key, x) for one dummy image of shape (h, w, c): every leaf in ``dtype``.
 
     The initial draws are made in ``dtype`` (a float64 θ₀ is not a float32 draw widened)."""
@@ -215,28 +321,57 @@ def count_params(params) -> int:
     return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
 
 
-def expected_param_count(model: MLP, image_shape: Sequence[int]) -> int:
-    """Σ_l d_{l-1}·d_l + [bias_l]·d_l, with d_0 = h·w·c: a closed form to check against."""
+def expected_param_count(model: nn.Module, image_shape: Sequence[int]) -> int:
+    """A closed form to check ``count_params`` against, with d_0 = h·w·c for an MLP:
+
+        MLP   Σ_l d_{l−1}·d_l + [bias_l]·d_l
+        CNN   Σ_k (9·c_{k−1} + 1)·c_k  +  Σ_l (d_{l−1} + 1)·d_l,
+              c_0 = c, d_0 = ⌊h/2^K⌋·⌊w/2^K⌋·c_K (each of the K blocks halves h and w)
+    """
+    if isinstance(model, CNN):
+        h, w, c = image_shape
+        convs = sum((9 * c_in + 1) * c_out for c_in, c_out in zip((c, *model.channels[:-1]), model.channels))
+        for _ in model.channels:
+            h, w = h // 2, w // 2
+        dims = (h * w * model.channels[-1], *model.dense_hidden, model.n_out)
+        return convs + sum((d_in + 1) * d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
     dims = (math.prod(image_shape), *model.hidden, model.n_out)
     return sum(d_in * d_out + (d_out if bias else 0)
                for d_in, d_out, bias in zip(dims[:-1], dims[1:], model.layer_biases))
 
 
+def _never(model: nn.Module) -> bool:
+    return False
+
+
 class Architecture(NamedTuple):
     """A victim architecture: its flax module class and ``from_config(cfg) -> module``, the
-    inverse of ``model_config`` (``cfg`` is the ``model`` entry of victim.json)."""
+    inverse of ``model_config`` (``cfg`` is the ``model`` entry of victim.json), and what the
+    attacks may ask of it without knowing the class:
+
+    - ``linear_in_params(model)``: whether 𝒩(θ; x) is linear in θ (then a convex loss plus
+      weight decay is strongly convex in θ; see ``recon_jax.problems``). Default: never.
+    - ``dense_widths(model, image_shape)``: (d_0, …, d_L) if the network is a chain of dense
+      layers on vec(x) (analytic FLOP counts, ``kkt.flops_per_step``); None if it is not.
+    """
 
     cls: type
     from_config: Callable[[dict], nn.Module]
+    linear_in_params: Callable[[nn.Module], bool] = _never
+    dense_widths: Callable[[nn.Module, Sequence[int]], tuple[int, ...]] | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
 """Victim architectures by name (victim.json's ``model.arch``, absent for "mlp")."""
 
 
-def register_architecture(name: str, cls: type, from_config: Callable[[dict], nn.Module]) -> None:
-    """Register a victim architecture (one line); ``model_from_config`` dispatches on its name."""
-    ARCHITECTURES[name] = Architecture(cls=cls, from_config=from_config)
+def register_architecture(name: str, cls: type, from_config: Callable[[dict], nn.Module], *,
+                          linear_in_params: Callable[[nn.Module], bool] = _never,
+                          dense_widths: Callable[[nn.Module, Sequence[int]], tuple[int, ...]] | None = None) -> None:
+    """Register a victim architecture (one line); ``model_from_config`` dispatches on its name.
+    The keyword capabilities are described in ``Architecture``."""
+    ARCHITECTURES[name] = Architecture(cls=cls, from_config=from_config, linear_in_params=linear_in_params,
+                                       dense_widths=dense_widths)
 
 
 def architecture_name(model: nn.Module) -> str:
@@ -248,13 +383,61 @@ def architecture_name(model: nn.Module) -> str:
                       "models.register_architecture")
 
 
+def architecture(model: nn.Module) -> Architecture:
+    """The registry entry of ``model``'s architecture (ConfigError if it has none)."""
+    return ARCHITECTURES[architecture_name(model)]
+
+
+def is_linear_in_params(model: nn.Module) -> bool:
+    """Whether 𝒩(θ; x) is linear in θ (the affine model), per the architecture's registry entry."""
+    return bool(architecture(model).linear_in_params(model))
+
+
+def activation_label(model: nn.Module) -> str:
+    """The victim's activation name, or "affine" for a network linear in θ (no activation applies)."""
+    if is_linear_in_params(model):
+        return "affine"
+    return str(getattr(model, "activation", "unknown"))
+
+
+def with_activation(model: nn.Module, activation: str, alpha) -> nn.Module:
+    """A copy of ``model`` with activation σ replaced by ``activation`` (sharpness ``alpha``,
+    possibly traced, for ``modified_relu``): the attacked copy of the KKT attack (Haim et al.
+    2022). Works for any architecture whose module has ``activation`` and ``alpha`` fields."""
+    names = {f.name for f in dataclasses.fields(model)}
+    if not {"activation", "alpha"} <= names:
+        raise ConfigError(f"architecture {architecture_name(model)!r} has no `activation` and `alpha` fields, so its "
+                          f"activation cannot be swapped for {activation!r}; add both fields to {type(model).__name__} "
+                          "(as MLP and CNN have) or train the victim with a smooth activation (gelu, softplus, tanh)")
+    return model.clone(activation=activation, alpha=alpha)
+
+
+def dense_widths(model: nn.Module, image_shape: Sequence[int]) -> tuple[int, ...]:
+    """(d_0 = h·w·c, d_1, …, d_L) of a chain of dense layers; ConfigError for other architectures."""
+    entry = architecture(model)
+    if entry.dense_widths is None:
+        raise ConfigError(f"architecture {architecture_name(model)!r} is not a chain of dense layers, so it has no "
+                          "analytic layer widths; measure its cost with XLA's cost analysis "
+                          "(jax.jit(f).lower(...).compile().cost_analysis()) instead")
+    return tuple(entry.dense_widths(model, image_shape))
+
+
+def describe(model: nn.Module, image_shape: Sequence[int]) -> str:
+    """A one-line description of the architecture for messages."""
+    if type(model) is MLP:
+        return (f"MLP(hidden={model.hidden}, n_out={model.n_out}, use_bias={model.use_bias}) "
+                f"on images {tuple(image_shape)}")
+    fields = ", ".join(f"{k}={v}" for k, v in model_config(model).items() if k != "arch")
+    return f"{type(model).__name__}({fields}) on images {tuple(image_shape)}"
+
+
 def model_config(model: nn.Module) -> dict:
     """The architecture as a JSON-serialisable dict (inverse: ``model_from_config``). An MLP's
     dict has no ``arch`` key (the default, as in every victim.json written before the
     registry); another architecture's records its registered name and its dataclass fields."""
     arch = architecture_name(model)
     if arch != "mlp":
-        return {"arch": arch, **{f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+        return {"arch": arch, **{f.name: _jsonable(getattr(model, f.name)) for f in dataclasses.fields(model)
                                  if f.name not in ("parent", "name")}}
     cfg = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
            if f.name in ("n_out", "hidden", "activation", "softplus_beta", "use_bias",
@@ -263,6 +446,11 @@ def model_config(model: nn.Module) -> dict:
     if not isinstance(cfg["use_bias"], bool):
         cfg["use_bias"] = list(cfg["use_bias"])
     return cfg
+
+
+def _jsonable(value):
+    """Tuples as lists, as JSON stores them."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def model_from_config(cfg: dict) -> nn.Module:
@@ -283,4 +471,14 @@ def _mlp_from_config(cfg: dict) -> MLP:
                first_layer_init_scale=cfg.get("first_layer_init_scale"))
 
 
-register_architecture("mlp", MLP, _mlp_from_config)
+def _cnn_from_config(cfg: dict) -> CNN:
+    """Rebuild a ``CNN`` from ``model_config`` output."""
+    return CNN(n_out=int(cfg["n_out"]), channels=tuple(int(c) for c in cfg.get("channels", (16, 32))),
+               activation=cfg.get("activation", "gelu"),
+               dense_hidden=tuple(int(h) for h in cfg.get("dense_hidden", ())),
+               softplus_beta=float(cfg.get("softplus_beta", 1.0)), alpha=float(cfg.get("alpha", 100.0)))
+
+
+register_architecture("mlp", MLP, _mlp_from_config, linear_in_params=lambda model: not model.hidden,
+                      dense_widths=lambda model, shape: (math.prod(shape), *model.hidden, model.n_out))
+register_architecture("cnn", CNN, _cnn_from_config)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 
 from recon_jax import bilevel
+from recon_jax.models import is_linear_in_params
 from recon_jax.objectives import make_objective
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ def default_kkt_task(loss: str, weight_decay: float) -> str:
 def problem_from_victim(victim: Victim) -> bilevel.Problem:
     """The attacker's view: θ*, known class-balanced labels, and the victim's training objective."""
     objective = make_objective(victim.model.apply, victim.train_config.loss, victim.train_config.weight_decay)
-    # An affine victim's training loss (ce, logistic or mse) plus weight decay is strongly convex in θ.
-    convex = not victim.model.hidden and victim.train_config.weight_decay > 0
+    # A victim linear in θ (the affine model): its training loss (ce, logistic or mse) plus weight
+    # decay is strongly convex in θ.
+    convex = is_linear_in_params(victim.model) and victim.train_config.weight_decay > 0
     return bilevel.Problem(victim_params=victim.params, labels=jnp.asarray(victim.known_labels()),
                            objective=objective, convex=convex)

@@ -202,6 +202,9 @@ def write_report(config, out_dir: str | os.PathLike, results: list[dict]) -> Pat
         meta = read_json(out / "victims" / name / "victim.json")
         report = meta
         arch = "affine" if not spec.hidden else "-".join(map(str, spec.hidden)) + f" {spec.activation}"
+        if spec.arch != "mlp":
+            arch = f"{spec.arch} {'-'.join(map(str, spec.channels))}" + "".join(f"-d{h}" for h in spec.hidden) \
+                + f" {spec.activation}"
         lines.append(f"| {name} | {spec.dataset} ({spec.n_per_class}/class) | {arch} | {spec.train.loss} | "
                      f"{spec.train.weight_decay:g} | {_fmt(report.get('stationary'))} (‖∇L‖ "
                      f"{_fmt(report.get('grad_norm'))}) | {_fmt(report.get('n_params'))} |")

@@ -178,13 +178,24 @@ def arch_name(hidden, activation: str) -> str:
     return "affine" if not hidden else "-".join(["mlp", activation, *map(str, hidden)])
 
 
+def model_name(cfg: dict) -> str:
+    """The ``arch`` column from victim.json's ``model`` entry: ``arch_name`` for the default
+    architecture; otherwise its registered name, activation, channels and dense widths, e.g.
+    ``"cnn-gelu-16-32"`` or ``"cnn-gelu-16-32-d64"``."""
+    arch = cfg.get("arch", "mlp")
+    if arch == "mlp":
+        return arch_name(cfg.get("hidden"), cfg.get("activation", "gelu"))
+    return "-".join([arch, cfg.get("activation", "gelu"), *map(str, cfg.get("channels", [])),
+                     *(f"d{h}" for h in cfg.get("dense_hidden", []))])
+
+
 def size_columns(victim_dir: Path) -> dict:
     """The victim's size, from its saved shapes (victim.json), not its name:
 
         n_train = N (training images, Σ label_counts), n_pixels = D = h·w·c, n_params = P,
         unknowns_per_param = N·D / P   (unknown pixel values per released parameter)
 
-    with ``arch`` (``arch_name``), ``weight_decay`` and ``n_per_class`` of its recipe."""
+    with ``arch`` (``model_name``), ``weight_decay`` and ``n_per_class`` of its recipe."""
     meta = read_json(victim_dir / checkpoint.META_FILE)
     n_train = int(sum(meta["label_counts"]))
     n_pixels = int(math.prod(int(s) for s in meta["image_shape"]))
@@ -192,7 +203,7 @@ def size_columns(victim_dir: Path) -> dict:
     model = meta["model"]
     return {"n_train": n_train, "n_pixels": n_pixels, "n_params": n_params,
             "unknowns_per_param": n_train * n_pixels / n_params,
-            "arch": arch_name(model.get("hidden"), model.get("activation", "gelu")),
+            "arch": model_name(model),
             "weight_decay": float(meta["train_config"]["weight_decay"]),
             "n_per_class": (meta.get("spec") or {}).get("n_per_class")}
 

@@ -51,11 +51,12 @@ import jax
 import jax.numpy as jnp
 import jaxopt
 import numpy as np
+from flax import linen as nn
 from jax import lax
 
 from recon_jax import newton
 from recon_jax.errors import ConfigError
-from recon_jax.models import SMOOTH_ACTIVATIONS, MLP, count_params
+from recon_jax.models import SMOOTH_ACTIVATIONS, activation_label, count_params
 from recon_jax.objectives import accuracy, make_objective, squared_norm
 from recon_jax.precision import DTYPES, cast_tree, default_tolerances, resolve_dtype
 
@@ -181,7 +182,7 @@ def certificate_note(grad_norm: float, certify_tol: float, iterations: int, acti
             f"{', or train in float64' if dtype != 'float64' else ''}.")
 
 
-def train_victim(model: MLP, init_params, images, labels, config: TrainConfig, *,
+def train_victim(model: nn.Module, init_params, images, labels, config: TrainConfig, *,
                  heldout_images=None, heldout_labels=None,
                  progress: Callable[[int, float], None] | None = None):
     """Train ``model`` full-batch from ``init_params`` until ‖∇L‖ ≤ tol or ``maxiter``.
@@ -215,8 +216,7 @@ def train_victim(model: MLP, init_params, images, labels, config: TrainConfig, *
     if heldout_images is not None:
         heldout_accuracy = accuracy(model.apply(params, jnp.asarray(heldout_images, dtype)),
                                     jnp.asarray(heldout_labels))
-    note = certificate_note(grad_norm, certify_tol, iterations, model.activation if model.hidden else "affine",
-                            config.dtype)
+    note = certificate_note(grad_norm, certify_tol, iterations, activation_label(model), config.dtype)
     report = TrainReport(
         grad_norm=grad_norm, grad_norm_rel=grad_norm / max(param_norm, np.finfo(dtype).tiny),
         loss=float(loss), train_accuracy=accuracy(model.apply(params, images), labels),

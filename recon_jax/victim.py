@@ -19,7 +19,9 @@ import jax
 from recon_jax import checkpoint, data
 from recon_jax.artifacts import json_roundtrip, read_json
 from recon_jax.errors import ConfigError
-from recon_jax.models import MLP, init_params
+from flax import linen as nn
+
+from recon_jax.models import ARCHITECTURES, CNN, MLP, init_params
 from recon_jax.objectives import check_loss
 from recon_jax.precision import resolve_dtype
 from recon_jax.training import TrainConfig, TrainReport, train_victim
@@ -29,7 +31,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class VictimSpec:
-    """Everything that determines a victim. Defaults give a small gelu MLP on ``digits``."""
+    """Everything that determines a victim. Defaults give a small gelu MLP on ``digits``.
+
+    ``arch`` names the architecture (``models.ARCHITECTURES``): "mlp" uses ``hidden``,
+    ``use_bias`` and ``first_layer_init_scale``; "cnn" uses ``channels`` (one 3×3 conv block
+    each) and ``hidden`` as its dense hidden widths after the conv blocks.
+    """
 
     dataset: str = "digits"
     split: str | None = None
@@ -46,6 +53,8 @@ class VictimSpec:
     first_layer_init_scale: float | None = None
     train: TrainConfig = TrainConfig()
     seed: int = 0
+    arch: str = "mlp"
+    channels: tuple[int, ...] = ()
 
     def n_classes(self) -> int:
         """Number of labels the victim sees (2 for a binary grouping)."""
@@ -61,13 +70,30 @@ class VictimSpec:
             return 1
         return n_classes
 
-    def model(self, n_classes: int) -> MLP:
-        return MLP(n_out=self.n_out(n_classes), hidden=tuple(self.hidden), activation=self.activation,
-                   softplus_beta=self.softplus_beta, use_bias=self.use_bias,
-                   first_layer_init_scale=self.first_layer_init_scale)
+    def model(self, n_classes: int) -> nn.Module:
+        if self.arch == "mlp":
+            if self.channels:
+                raise ConfigError(f"channels={self.channels} are for arch 'cnn'; an mlp takes hidden widths only")
+            return MLP(n_out=self.n_out(n_classes), hidden=tuple(self.hidden), activation=self.activation,
+                       softplus_beta=self.softplus_beta, use_bias=self.use_bias,
+                       first_layer_init_scale=self.first_layer_init_scale)
+        if self.arch == "cnn":
+            if self.use_bias is not True or self.first_layer_init_scale is not None:
+                raise ConfigError("use_bias and first_layer_init_scale are mlp options; a cnn has biases in every "
+                                  "layer and LeCun-normal initialisation")
+            return CNN(n_out=self.n_out(n_classes), channels=tuple(self.channels), activation=self.activation,
+                       dense_hidden=tuple(self.hidden), softplus_beta=self.softplus_beta)
+        known = ", ".join(ARCHITECTURES)
+        raise ConfigError(f"VictimSpec cannot build architecture {self.arch!r}; choose one of {known} "
+                          "(a newly registered architecture needs a branch in VictimSpec.model)")
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec as JSON. An mlp spec has no ``arch``/``channels`` keys, exactly as before the
+        cnn existed, so that earlier victim folders are still recognised as the same victim."""
+        spec = dataclasses.asdict(self)
+        if self.arch == "mlp" and not self.channels:
+            del spec["arch"], spec["channels"]
+        return spec
 
 
 def validate(spec: VictimSpec) -> None:

@@ -51,7 +51,7 @@ def test_cli_choices_are_the_registries_keys():
     assert set(attack.attacks()) == {"bilevel", "kkt"}
     assert tuple(solvers.BACKENDS) == ("jaxopt", "custom_vjp")
     assert tuple(models.ACTIVATIONS) == ("relu", "gelu", "softplus", "tanh")
-    assert tuple(models.ARCHITECTURES) == ("mlp",)
+    assert tuple(models.ARCHITECTURES) == ("mlp", "cnn")
 
 
 def test_registering_is_one_line(monkeypatch):
