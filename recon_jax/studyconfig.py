@@ -294,6 +294,10 @@ def victim_spec(table: dict, where: str) -> VictimSpec:
         table["hidden"] = []
     elif model == "mlp" and not table.get("hidden"):
         raise ConfigError(f"{where}: model 'mlp' needs hidden = [widths], e.g. hidden = [256]")
+    if table.get("arch") == "cnn":
+        # A cnn's ``hidden`` are dense layers after its conv blocks: none unless asked for, as on
+        # the CLI (VictimSpec's default of one 1000-wide layer is the MLP's).
+        table.setdefault("hidden", [])
     train = TrainConfig(**_tuples({k: table.pop(k) for k in list(table) if k in TRAIN_KEYS}))
     try:
         spec = VictimSpec(**_tuples(table), train=train)

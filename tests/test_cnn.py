@@ -164,3 +164,12 @@ def test_study_names_a_cnn_victim_from_its_saved_config():
     assert model_name(model_config(CNN(n_out=10, channels=(4,), dense_hidden=(16,)))) == "cnn-gelu-4-d16"
     assert model_name(model_config(MLP(n_out=10, hidden=(64,)))) == "mlp-gelu-64"
     assert model_name(model_config(MLP(n_out=10))) == "affine"
+
+
+def test_a_study_cnn_victim_has_no_dense_hidden_layer_unless_asked():
+    """In a study file, arch = "cnn" without hidden means conv blocks then the head (as on the
+    CLI), not VictimSpec's MLP default of one 1000-wide layer."""
+    from recon_jax.studyconfig import victim_spec
+
+    assert victim_spec({"arch": "cnn", "channels": [4]}, "[victims.c]").hidden == ()
+    assert victim_spec({"arch": "cnn", "channels": [4], "hidden": [32]}, "[victims.c]").hidden == (32,)
