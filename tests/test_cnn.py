@@ -68,9 +68,9 @@ def test_train_and_save_certifies_a_cnn(cnn_victim):
 
 def test_bilevel_hypergradient_of_a_cnn_matches_central_differences(cnn_victim):
     victim = checkpoint.load_victim(cnn_victim[0])
-    truth = jnp.asarray(checkpoint.load_ground_truth(cnn_victim[0])["train_images"], jnp.float64)
-    labels = jnp.asarray(checkpoint.load_ground_truth(cnn_victim[0])["train_labels"])
-    truth = truth - jnp.asarray(checkpoint.load_ground_truth(cnn_victim[0])["mean"])
+    ground_truth = checkpoint.load_ground_truth(cnn_victim[0])
+    truth = jnp.asarray(ground_truth["train_images"], jnp.float64) - jnp.asarray(ground_truth["mean"])
+    labels = jnp.asarray(ground_truth["train_labels"])
     problem = bilevel.Problem(victim_params=victim.params, labels=labels,
                               objective=make_objective(victim.model.apply, "ce", 1e-2))
     config = bilevel.BilevelConfig(inner=InnerConfig(tol=1e-12, maxiter=1000, cg_ridge=0.0, cg_tol=1e-14,
