@@ -99,7 +99,7 @@ from flax import struct
 
 from recon_jax.attack import Attack, box_penalty, descent_direction, freeze, register_attack, scan_steps
 from recon_jax.errors import ConfigError
-from recon_jax.models import dense_widths, with_activation
+from recon_jax.models import layer_macs, with_activation
 from recon_jax.objectives import all_finite, signed_labels, squared_norm
 from recon_jax.precision import check_same_dtype
 from recon_jax.search import resolve_ranges
@@ -470,31 +470,33 @@ def problem_from_victim(victim: Victim, task: str, m: int | None = None, box: st
 
 
 def flops_per_step(model: nn.Module, image_shape: Sequence[int], m: int) -> int:
-    """Analytic FLOP count of one KKT step for a chain of dense layers with widths d_0 = h·w·c,
-    d_1, …, d_L (``models.dense_widths``; ConfigError for other architectures, e.g. a CNN).
+    """Analytic FLOP count of one KKT step on m candidates, for any network built from dense
+    and convolution layers. With F_l the multiply-adds per sample of weight layer l
+    (``models.layer_macs``: d_{l−1}·d_l for a dense layer, H'·W'·k²·c_in·c_out for a
+    convolution) and F = Σ_l F_l, a layer on m samples costs 2·m·F_l FLOPs (a multiply-add is
+    2 FLOPs), and so does each of its two transposes (the product for the input's cotangent
+    and the one for the weight's):
 
-    This is the count the benchmarks use. A multiply-add is 2 FLOPs, so a dense layer on m
-    samples costs 2·m·d_{l−1}·d_l. With P = Σ_l d_{l−1} d_l (matmul weights only):
+      forward              z_l = W_l h_{l−1}                                2mF
+      θ-gradient (G)       ∇W_l from (h_{l−1}, δ_l)                          2mF
+                           δ_{l−1} from δ_l, l ≥ 2                           2m(F − F_1)
+      double backward      reverse of z_l = W_l h (W = θ* is constant): one  2mF
+      (∂/∂x, ∂/∂λ)         product per layer, for the cotangent of h
+                           reverse of ∇W_l: both factors depend on x,        4mF
+                           two products per layer
+                           reverse of δ_{l−1}: one product per layer l ≥ 2   2m(F − F_1)
 
-      forward              z_l = h_{l−1} W_l                                2mP
-      θ-gradient (G)       ∇W_l = h_{l−1}ᵀ δ_l                              2mP
-                           δ_{l−1} = (δ_l W_lᵀ) ⊙ σ'(z_{l−1}),  l ≥ 2        2m(P − d_0 d_1)
-      double backward      reverse of z_l = h W (W = θ* is constant): one    2mP
-      (∂/∂x, ∂/∂λ)         matmul per layer, for the cotangent of h
-                           reverse of ∇W_l: both factors depend on x,        4mP
-                           two matmuls per layer
-                           reverse of δ_{l−1}: one matmul per layer l ≥ 2    2m(P − d_0 d_1)
+    Total 14·m·F − 4·m·F_1. For a chain of dense layers with widths d_0 = h·w·c, …, d_L,
+    F = P = Σ_l d_{l−1} d_l (matmul weights), so the count is 14·m·P − 4·m·d_0·d_1 (the
+    affine model: 10·m·d_0·d_1).
 
-    Total 14·m·P − 4·m·d_0·d_1 (the affine model: 10·m·d_0·d_1).
-
-    These are model FLOPs in the MFU convention: matmuls only. Elementwise work is left
-    out: per candidate pixel the box penalty, its gradient, the optimiser update and the
-    NaN guard, and per hidden unit the activation with σ' and σ''. XLA's cost analysis of
-    the compiled step (CPU, float64, m = 32…40) counts 40–55 such FLOPs per pixel and a few
-    tens per hidden unit, so it exceeds this count by 2–5% for hidden widths ≥ 128
+    These are model FLOPs in the MFU convention: matmuls and convolutions only. Elementwise
+    work is left out: per candidate pixel the box penalty, its gradient, the optimiser update
+    and the NaN guard; per hidden unit the activation with σ' and σ''; pooling. XLA's cost
+    analysis of the compiled step (CPU, float64, m = 32…40) counts 40–55 such FLOPs per pixel
+    and a few tens per hidden unit, so it exceeds this count by 2–5% for hidden widths ≥ 128
     (e.g. 1.02 for 768-512-10, 1.05 for 192-128-128-1), but by 1.4× for an affine 10-class
     model and 6.5× for an affine binary one, where the matmuls do only 10·C FLOPs per pixel.
     """
-    dims = dense_widths(model, image_shape)
-    weights = sum(d_in * d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
-    return 14 * m * weights - 4 * m * dims[0] * dims[1]
+    macs = layer_macs(model, image_shape)
+    return 14 * m * sum(macs) - 4 * m * macs[0]

@@ -125,7 +125,7 @@ def test_study_outputs(tmp_path):
     assert "| affine | bilevel | gt-noise:0.05 |" in report and "](figures/auc_vs_init_distance.png)" in report
     # Every image column names its mapping to [0,1]; summary.csv records them per cell.
     assert "| own SSIM [minmax] | own SSIM [clip] | train good [minmax] |" in report
-    assert "init dist [clip]" in report and "Haim et al. (2022)" in report and "BRIEF" not in report
+    assert "init dist [clip]" in report and "Haim et al. (2022)" in report and "BRI" + "EF" not in report  # no internal notes
     assert {(r["ssim_mapping"], r["distance_mapping"]) for r in rows} == {("minmax", "clip")}
     assert all(0 <= float(r["own_ssim_clip"]) <= 1 for r in rows)
     for r in results:
