@@ -16,6 +16,13 @@ attack module exposes a constructor ``attack(config, problem) -> Attack`` and re
 ``ATTACKS`` with one call, ``register_attack("name", attack)`` (``recon_jax.bilevel`` and
 ``recon_jax.kkt`` do so on import; ``attacks()`` imports both and returns the registry).
 
+Beside it, each attack registers a ``Method``: what the library layers above a single run
+(``recon_jax.reconstruct``, ``recon_jax.study``, ``recon_jax.landscape``) need to know about
+the method, so that none of them names a concrete attack: its default dtype, when a run has
+converged, which run.json figure is its parameter mismatch, its objective of the images
+alone for landscape slices, its random-search ranges, and the method's own run.json fields.
+``register_descriptor(Method(...))`` adds it to ``METHODS``; ``descriptor(name)`` looks it up.
+
 The pieces both attacks share live here: the box prior, the optimiser's direction, the
 non-finite freeze and the ``lax.scan`` over steps.
 """
@@ -29,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+
+from recon_jax.errors import ConfigError
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -65,6 +74,88 @@ def attacks() -> dict[str, Callable[[Any, Any], Attack]]:
     from recon_jax import bilevel, kkt  # noqa: F401  (registration on import)
 
     return ATTACKS
+
+
+# --------------------------------------------------------------------------- method descriptors
+
+
+class Convergence(NamedTuple):
+    """When a run counts as converged (``study.convergence_columns``): its figure in run.json
+    under ``key`` (a list, one value per run) is at most ``threshold``. ``label`` names the
+    figure in the criterion written to summary.csv, ``f"{label} <= {threshold:g}"``."""
+
+    key: str
+    threshold: float
+    label: str
+
+
+class Method(NamedTuple):
+    """A method as the layers above one run see it (module docstring): data and functions
+    that ``reconstruct``, ``study`` and ``landscape`` dispatch through instead of naming it.
+
+    ``spec`` below is a ``recon_jax.reconstruct.ReconstructionSpec``, ``victim`` a
+    ``recon_jax.checkpoint.Victim`` and ``run`` a run folder's run.json (a dict).
+    """
+
+    name: str
+    converged: Convergence
+    """The convergence criterion of ``study.convergence_columns``."""
+    mismatch_key: str
+    """run.json key of the per-run parameter-space mismatch (summary.csv's ``param_mismatch_median``)."""
+    objective: Callable[..., Callable]
+    """``objective(victim, *, labels=None, ridge, **options) -> f``: the method's objective as a
+    function f(x) -> scalar of mean-subtracted images x (m, h, w, c) alone, for
+    ``landscape.objective_function``; ``options`` are that function's keyword options (those
+    another method takes are ignored)."""
+    objective_options: Callable[[Any, dict, int], dict]
+    """``objective_options(spec, run, best) -> dict``: the keyword options of ``objective`` that
+    reproduce a finished run's objective, ``best`` being the index of its best run (``study``'s
+    landscape slices)."""
+    validate_search_ranges: Callable[[dict | None], Any]
+    """``validate_search_ranges(overrides)``: the random-search ranges with ``overrides``
+    applied; raises ``ConfigError`` on an unknown name or a bad range."""
+    default_dtype: str | None = None
+    """The run's dtype when the spec gives none; None: the victim's training dtype."""
+    dtype_reason: str = ""
+    """Why ``default_dtype`` is safe, quoted when θ* is cast to it (``reconstruct.cast_note``)."""
+    needs_stationary_victim: bool = False
+    """Whether the objective can reach 0 at the true images only at a certified stationary θ*
+    (``reconstruct`` warns when the victim is not certified)."""
+    landscape_point_bytes: Callable[..., int] | None = None
+    """``landscape_point_bytes(victim, labels, spec, dtype) -> int``: device bytes of one point of
+    a landscape slice, which ``study`` uses to bound the batch; None: unbounded (one batch)."""
+    spec_warnings: Callable[[Any, Any], tuple[str, ...]] | None = None
+    """``spec_warnings(spec, dtype) -> messages``: what ``reconstruct`` logs about a resolved
+    spec run in ``dtype`` (e.g. tolerances the dtype cannot reach); None: nothing."""
+    summary_extras: Callable[..., dict] | None = None
+    """``summary_extras(spec, victim, final, history) -> dict``: the method's own run.json fields,
+    from the resolved spec, the per-run final figures (``Attack.evaluate``, batched) and the
+    per-step history; None: none."""
+
+
+METHODS: dict[str, Method] = {}
+"""Method descriptors by name: ``METHODS[name] -> Method``."""
+
+
+def register_descriptor(method: Method) -> Method:
+    """Register ``method`` under ``method.name`` (one line per attack, beside ``register_attack``)."""
+    METHODS[method.name] = method
+    return method
+
+
+def descriptors() -> dict[str, Method]:
+    """The descriptor registry with the built-in attacks (bilevel, kkt) imported, hence registered."""
+    from recon_jax import bilevel, kkt  # noqa: F401  (registration on import)
+
+    return METHODS
+
+
+def descriptor(name: str) -> Method:
+    """The registered ``Method`` called ``name``; ``ConfigError`` naming the registered ones otherwise."""
+    registry = descriptors()
+    if name not in registry:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(registry)}")
+    return registry[name]
 
 
 # --------------------------------------------------------------------------- shared pieces

@@ -61,14 +61,17 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax import lax
 
-from recon_jax.attack import Attack, box_penalty, descent_direction, freeze, register_attack, scan_steps
+from recon_jax.attack import (Attack, Convergence, Method, box_penalty, descent_direction, freeze, register_attack,
+                              register_descriptor, scan_steps)
 from recon_jax.errors import ConfigError
 from recon_jax.objectives import all_finite, squared_norm
-from recon_jax.precision import tree_dtype
+from recon_jax.precision import FLOAT32_REACHABLE_TOL, default_tolerances, tree_dtype
+from recon_jax.search import resolve_ranges
 from recon_jax.newton import (LINE_SEARCH_STEPS, conjugate_gradient, conjugate_gradient_to_tolerance, gradient_and_hvp,
                               guarded_newton_step)
 from recon_jax.solvers import InnerConfig, make_argmin, make_solve
@@ -529,3 +532,85 @@ def attack(config: BilevelConfig, problem: Problem) -> Attack:
 
 
 register_attack("bilevel", attack)
+
+
+# --------------------------------------------------------------------------- the method descriptor
+
+CONVERGED_OBJECTIVE = 1e-6
+"""A run has converged when its final objective, the relative outer loss
+l(θ(x), θ*) = ‖θ(x) − θ*‖² / ‖θ*‖² (``parameter_loss``), is at most this
+(``recon_jax.study.convergence_columns``)."""
+
+SEARCH_RANGES = {"lr": (1e-3, 1e-1), "init_scale": (1e-3, 0.3)}
+"""The bilevel random search (``recon-jax sweep``): log-uniform learning rate and gaussian init scale."""
+
+
+def search_ranges(overrides: dict | None = None) -> dict[str, tuple[float, float]]:
+    """The bilevel random search's ranges (``SEARCH_RANGES``: lr and init_scale, both
+    log-uniform) with ``overrides`` applied (``resolve_ranges``)."""
+    return resolve_ranges(overrides, SEARCH_RANGES, {"lr": "log-uniform", "init_scale": "log-uniform"},
+                          what="bilevel ")
+
+
+def _objective(victim, *, labels=None, bilevel_config: BilevelConfig | None = None, **_) -> Callable:
+    """f(x) = l(θ(x), θ*) against ``victim`` (``landscape.bilevel_objective``), the problem from
+    ``problems.problem_from_victim``; ``labels`` (N,) default to its known class-balanced labels.
+    Returns f."""
+    from recon_jax.landscape import bilevel_objective  # both modules import this one
+    from recon_jax.problems import problem_from_victim
+
+    problem = problem_from_victim(victim)
+    if labels is not None:
+        problem = problem.replace(labels=jnp.asarray(labels))
+    return bilevel_objective(problem, bilevel_config)
+
+
+def _objective_options(spec, run: dict, best: int) -> dict:
+    """The objective's options for a finished run: ``{"bilevel_config": spec.bilevel}`` (the
+    landscape leaves the priors out, so the runs' hyperparameters do not enter)."""
+    return {"bilevel_config": spec.bilevel}
+
+
+def _spec_warnings(spec, dtype) -> tuple[str, ...]:
+    """The warning for a float32 run whose resolved inner or CG tolerance is below what float32
+    reaches (``FLOAT32_REACHABLE_TOL``), as a one-message tuple; () otherwise."""
+    inner = spec.bilevel.inner
+    if np.dtype(dtype) != np.float32 or not min(inner.tol, inner.cg_tol) < FLOAT32_REACHABLE_TOL:
+        return ()
+    return (f"inner tol {inner.tol:.0e} / CG tol {inner.cg_tol:.0e} are below what float32 reaches "
+            f"(~{FLOAT32_REACHABLE_TOL:.0e}; float32 default {default_tolerances(dtype)['inner_tol']:.0e}): "
+            "inner solves stop at their first failed line search or cap instead",)
+
+
+def _finite_mean(values) -> float | None:
+    """Mean of the finite entries (None where there are none, e.g. a figure the engine does not count)."""
+    if values is None:
+        return None
+    values = np.asarray(values, float)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _summary_extras(spec, victim, final: dict, history: dict) -> dict:
+    """run.json's bilevel fields: the ``inner_tol`` and ``cg_tol`` used, ``inner_converged`` (K),
+    the ``engine`` that ran, and ``cost_per_step`` = {gradients, hvps[, values]}. Returns them."""
+    from recon_jax.problems import problem_from_victim  # problems imports this module
+
+    inner = spec.bilevel.inner
+    extras = {"inner_tol": inner.tol, "cg_tol": inner.cg_tol,
+              "inner_converged": (np.asarray(final["inner_grad_norm"]) <= inner.tol).tolist()}
+    # Gradient evaluations of ∇_θL and its Hessian-vector-type products (JVPs/VJPs) per outer
+    # step and initialisation, averaged over the run (history.npz has them per step).
+    extras["engine"] = resolve_engine(spec.bilevel, problem_from_victim(victim))
+    extras["cost_per_step"] = {"gradients": _finite_mean(history.get("cost_gradients")),
+                               "hvps": _finite_mean(history.get("cost_hvps"))}
+    if extras["engine"] == "amortized":  # forward-only loss evaluations of the Newton line search
+        extras["cost_per_step"]["values"] = spec.bilevel.cost_per_step()["values"]
+    return extras
+
+
+register_descriptor(Method(
+    name="bilevel", converged=Convergence("final_outer_loss", CONVERGED_OBJECTIVE, "outer_loss"),
+    mismatch_key="final_outer_loss", objective=_objective, objective_options=_objective_options,
+    validate_search_ranges=search_ranges, needs_stationary_victim=True, spec_warnings=_spec_warnings,
+    summary_extras=_summary_extras))

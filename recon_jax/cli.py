@@ -239,6 +239,7 @@ def _add_sweep(sub) -> None:
 def _run_attack(args) -> int:
     from recon_jax import bilevel, kkt, reconstruct
     from recon_jax.artifacts import read_json
+    from recon_jax.attack import descriptor
     from recon_jax.problems import default_kkt_task
     from recon_jax.precision import enable_float64
     from recon_jax.solvers import InnerConfig
@@ -246,7 +247,7 @@ def _run_attack(args) -> int:
     victim_meta = Path(args.victim) / "victim.json"
     meta = read_json(victim_meta) if victim_meta.is_file() else None
     victim_dtype = meta["train_config"]["dtype"] if meta else "float64"
-    dtype = args.dtype or reconstruct.DEFAULT_DTYPE[args.method] or victim_dtype  # as reconstruct() resolves it
+    dtype = args.dtype or descriptor(args.method).default_dtype or victim_dtype  # as reconstruct() resolves it
     if dtype == "float64":
         enable_float64()
     try:

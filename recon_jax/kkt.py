@@ -97,11 +97,13 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from recon_jax.attack import Attack, box_penalty, descent_direction, freeze, register_attack, scan_steps
+from recon_jax.attack import (Attack, Convergence, Method, box_penalty, descent_direction, freeze, register_attack,
+                              register_descriptor, scan_steps)
 from recon_jax.errors import ConfigError
-from recon_jax.models import layer_macs, with_activation
+from recon_jax.models import count_params, layer_macs, with_activation
 from recon_jax.objectives import all_finite, signed_labels, squared_norm
 from recon_jax.precision import check_same_dtype
+from recon_jax.problems import default_kkt_task
 from recon_jax.search import resolve_ranges
 
 if TYPE_CHECKING:
@@ -500,3 +502,68 @@ def flops_per_step(model: nn.Module, image_shape: Sequence[int], m: int) -> int:
     """
     macs = layer_macs(model, image_shape)
     return 14 * m * sum(macs) - 4 * m * macs[0]
+
+
+# --------------------------------------------------------------------------- the method descriptor
+
+KKT_CONVERGED_RESIDUAL = 1e-3
+"""A run has converged when its final relative residual ‖θ* − G(x, λ)‖ / ‖θ*‖ (reported by
+``kkt_loss`` as ``relative_residual``) is at most this (``recon_jax.study.convergence_columns``).
+The KKT objective L_KKT is absolute: it grows with ‖θ*‖² and holds the box and λ penalties, so
+no threshold on it means the same on two victims. The squared relative residual
+‖θ* − G‖² / ‖θ*‖² is the same kind of figure as the bilevel objective, a relative squared
+mismatch in parameter space (θ* against what the candidates imply), so the bilevel criterion
+1e-6 on it (``bilevel.CONVERGED_OBJECTIVE``) is √1e-6 = 1e-3 on the residual."""
+
+DEFAULT_DTYPE = "float32"
+"""The run's dtype when the spec gives none: float32, which ``benchmarks/precision.py``
+measured safe for KKT (gradient of L_KKT within 1e-7 of float64's, L_KKT after 100 steps
+equal to 7 digits; ``benchmarks/README.md``)."""
+
+
+def _objective(victim: Victim, *, labels=None, kkt_config: KKTConfig | None = None, kkt_hyper: Hyper | None = None,
+               ridge: float | None = None, **_) -> Callable:
+    """f(x) = min_λ of the stationarity residual against ``victim`` (``landscape.kkt_objective``,
+    λ profiled out). The task defaults to the one ``recon-jax reconstruct`` derives from the
+    victim's loss; ``labels`` default to ``candidate_labels(victim.label_counts, m)`` for the m
+    candidates f is given; α comes from ``kkt_hyper`` (default 300) for relu victims.
+    Returns f."""
+    from recon_jax import landscape  # landscape imports this module
+
+    ridge = landscape.DEFAULT_RIDGE if ridge is None else ridge
+    if kkt_config is None:
+        kkt_config = KKTConfig(task=default_kkt_task(victim.train_config.loss, victim.train_config.weight_decay))
+    task = kkt_config.task
+    if labels is not None or task == "regression":
+        problem = Problem(victim_params=victim.params, model=victim.model,
+                          labels=None if labels is None else jnp.asarray(labels))
+        return landscape.kkt_objective(problem, kkt_config, kkt_hyper, ridge)
+
+    def f(images: jax.Array) -> jax.Array:  # labels for however many candidates x holds
+        chosen = jnp.asarray(candidate_labels(victim.label_counts, images.shape[0], task))
+        problem = Problem(victim_params=victim.params, model=victim.model, labels=chosen)
+        return landscape.kkt_objective(problem, kkt_config, kkt_hyper, ridge)(images)
+
+    return f
+
+
+def _objective_options(spec, run: dict, best: int) -> dict:
+    """The objective's options for a finished run: its ``KKTConfig`` and the ``Hyper`` of its
+    best run ``best`` (α sets the attacked network's sharpness), read from run.json."""
+    hyper = Hyper(lr_x=run["run_lr_x"][best], lr_lambda=run["run_lr_lambda"][best],
+                  alpha=run["run_alpha"][best], lambda_min=run["run_lambda_min"][best])
+    return {"kkt_config": spec.kkt, "kkt_hyper": hyper}
+
+
+def _landscape_point_bytes(victim: Victim, labels, spec, dtype) -> int:
+    """Device bytes of one point of the profiled objective, which holds a (q, P) Jacobian (q = m
+    candidates, times the outputs for regression): 4·q·P numbers of ``dtype``. Returns them."""
+    q = len(labels) * (victim.model.n_out if spec.kkt.task == "regression" else 1)
+    return 4 * q * count_params(victim.params) * np.dtype(dtype).itemsize
+
+
+register_descriptor(Method(
+    name="kkt", converged=Convergence("final_relative_residual", KKT_CONVERGED_RESIDUAL, "relative_residual"),
+    mismatch_key="final_relative_residual", objective=_objective, objective_options=_objective_options,
+    validate_search_ranges=search_ranges, default_dtype=DEFAULT_DTYPE,
+    dtype_reason="benchmarks/precision.py: float32 is safe for KKT", landscape_point_bytes=_landscape_point_bytes))

@@ -31,15 +31,14 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import linear_sum_assignment
 
 from recon_jax import bilevel, kkt
+from recon_jax.attack import descriptor
 from recon_jax.errors import ConfigError, DataError
 from recon_jax.metrics.neighbours import mean_squared_distances, ncc_features
-from recon_jax.problems import default_kkt_task, problem_from_victim
 from recon_jax.solvers import make_argmin
 
 if TYPE_CHECKING:
     from recon_jax.checkpoint import Victim
 
-METHODS = ("bilevel", "kkt")
 DEFAULT_RIDGE = 1e-10
 """Relative ridge ρ/(tr A / q) of the profiled-λ normal equations (float64 scale)."""
 
@@ -170,10 +169,14 @@ def kkt_objective(problem: kkt.Problem, config: kkt.KKTConfig | None = None, hyp
 def objective_function(victim: Victim, method: str, *, labels=None,
                        bilevel_config: bilevel.BilevelConfig | None = None,
                        kkt_config: kkt.KKTConfig | None = None, kkt_hyper: kkt.Hyper | None = None,
-                       ridge: float = DEFAULT_RIDGE) -> Callable[[jax.Array], jax.Array]:
+                       ridge: float = DEFAULT_RIDGE, **options) -> Callable[[jax.Array], jax.Array]:
     """The attack objective of ``method`` against ``victim`` as f(x) -> scalar.
 
     x are mean-subtracted candidate images (m, h, w, c), the space the attacks optimise in.
+    The objective is the registered method's (``attack.descriptor(method).objective``), given
+    ``labels``, ``ridge`` and the keyword options that are not None: ``bilevel_config`` for
+    bilevel, ``kkt_config`` and ``kkt_hyper`` for KKT, ``options`` for other registered
+    methods. An unregistered ``method`` raises ``ConfigError`` naming the registered ones.
 
     ``bilevel``: f(x) = l(θ(x), θ*) (:func:`bilevel_objective`); m = N and ``labels``
     default to the known class-balanced ``victim.known_labels()`` (sorted by class, so the
@@ -186,27 +189,9 @@ def objective_function(victim: Victim, method: str, *, labels=None,
     ``kkt.candidate_labels(victim.label_counts, m)`` for the m candidates passed in; α
     comes from ``kkt_hyper`` (default 300) for relu victims.
     """
-    if method == "bilevel":
-        problem = problem_from_victim(victim)
-        if labels is not None:
-            problem = problem.replace(labels=jnp.asarray(labels))
-        return bilevel_objective(problem, bilevel_config)
-    if method == "kkt":
-        if kkt_config is None:
-            kkt_config = kkt.KKTConfig(task=default_kkt_task(victim.train_config.loss, victim.train_config.weight_decay))
-        task = kkt_config.task
-        if labels is not None or task == "regression":
-            problem = kkt.Problem(victim_params=victim.params, model=victim.model,
-                                  labels=None if labels is None else jnp.asarray(labels))
-            return kkt_objective(problem, kkt_config, kkt_hyper, ridge)
-
-        def f(images: jax.Array) -> jax.Array:  # labels for however many candidates x holds
-            chosen = jnp.asarray(kkt.candidate_labels(victim.label_counts, images.shape[0], task))
-            problem = kkt.Problem(victim_params=victim.params, model=victim.model, labels=chosen)
-            return kkt_objective(problem, kkt_config, kkt_hyper, ridge)(images)
-
-        return f
-    raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    options = {"bilevel_config": bilevel_config, "kkt_config": kkt_config, "kkt_hyper": kkt_hyper, **options}
+    given = {name: value for name, value in options.items() if value is not None}
+    return descriptor(method).objective(victim, labels=labels, ridge=ridge, **given)
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ import numpy as np
 from recon_jax.errors import ConfigError
 
 DTYPES = ("float32", "float64")
+FLOAT32_REACHABLE_TOL = 1e-7
+"""Below this, ‖∇_θL‖ tolerances are unreachable in float32 (the precision study's float32
+solves stall at ‖∇L‖ ≈ 1e-7); such a tolerance is warned about."""
 
 # See the module docstring for what each entry means and where the values come from.
 DEFAULT_TOLERANCES = {

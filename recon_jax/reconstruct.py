@@ -20,16 +20,18 @@ a grid (comma lists on the command line) or from the reference's random search
                                   relative outer loss for bilevel, L_KKT for kkt), diverged (K),
                                   each run's hyperparameters, and the runs ranked best first;
                                   dtype (the run's), victim_dtype, dtype_note (why θ* was cast,
-                                  or null); bilevel: the inner_tol and cg_tol used, the engine,
-                                  and cost_per_step = {gradients, hvps} (per outer step and
-                                  initialisation, averaged over the run)
+                                  or null); then the method's own fields (``Method.summary_extras``;
+                                  bilevel: the inner_tol and cg_tol used, the engine, and
+                                  cost_per_step = {gradients, hvps} (per outer step and
+                                  initialisation, averaged over the run))
     out_dir/pooled.npz            (``pool`` > 0) the candidates of the best runs, pooled
     out_dir/chunks/               resumable per-chunk state (removed when the run completes)
 
 Precision: a run computes and stores in one dtype (``reconstructions.npz["centered"]`` and
-``history.npz`` have it): ``spec.dtype`` if given, else float32 for KKT (``DEFAULT_DTYPE``,
-safe per ``benchmarks/precision.py``) and the victim's training dtype for bilevel. θ* is cast
-to it on loading, with a logged warning and ``run.json["dtype_note"]`` when that changes it.
+``history.npz`` have it): ``spec.dtype`` if given, else the method's ``default_dtype``
+(``attack.descriptor``: float32 for KKT, safe per ``benchmarks/precision.py``), else the
+victim's training dtype (bilevel). θ* is cast to it on loading, with a logged warning and
+``run.json["dtype_note"]`` when that changes it.
 Inner tolerances left None are resolved from it (``recon_jax.precision.default_tolerances``).
 
 The attacks use only θ*, the architecture and recipe (victim.json) and the label counts.
@@ -61,15 +63,10 @@ from recon_jax.artifacts import atomic_save_npz, atomic_write_json, json_roundtr
 from recon_jax.batching import auto_chunk_size, check_fits, run_batched, select_devices
 from recon_jax.errors import ConfigError
 from recon_jax.initialisation import initial_images, parse_init
-from recon_jax.precision import default_tolerances, resolve_dtype
+from recon_jax.precision import resolve_dtype
 from recon_jax.problems import default_kkt_task, problem_from_victim
-from recon_jax.search import resolve_ranges
 
 log = logging.getLogger(__name__)
-METHODS = ("bilevel", "kkt")  # the built-in methods; ``PROGRAMS`` holds every registered one
-
-BILEVEL_LR_RANGE = (1e-3, 1e-1)  # random search for bilevel sweeps: log-uniform learning rate
-BILEVEL_INIT_SCALE_RANGE = (1e-3, 0.3)  # and log-uniform gaussian init scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +77,8 @@ class ReconstructionSpec:
     value or a tuple; K = n_inits × grid size, initialisation-major (every setting sees the
     same initial images). Random-search mode (``random_search=R``): R configurations are
     drawn as in the reference (``kkt.sample_hyper``, or log-uniform lr and init scale for
-    bilevel), each run with its own gaussian initial scale; K = n_inits × R.
+    bilevel, ``bilevel.search_ranges``), each run with its own gaussian initial scale;
+    K = n_inits × R. ``method`` names a registered method (``PROGRAMS`` and ``attack.METHODS``).
     """
 
     method: str = "bilevel"
@@ -100,7 +98,7 @@ class ReconstructionSpec:
     chunk_size: int | None = None  # None: chosen from free memory
     devices: int | None = None  # local devices the batch is sharded over; None: all
     segment: int = 100  # steps between checkpoints
-    dtype: str | None = None  # None: bilevel the victim's dtype, kkt float32 (``DEFAULT_DTYPE``)
+    dtype: str | None = None  # None: the method's default_dtype (kkt float32), else the victim's (bilevel)
     bilevel: bilevel.BilevelConfig = bilevel.BilevelConfig()
     kkt: kkt.KKTConfig | None = None  # None: derived from the victim (task from its loss)
 
@@ -119,10 +117,7 @@ class ReconstructionSpec:
         if self.search_ranges:
             if self.random_search is None:
                 raise ConfigError("search ranges apply to a random search only; use `recon-jax sweep --runs R`")
-            if self.method == "kkt":
-                kkt.search_ranges(self.search_ranges)
-            else:
-                _bilevel_search_ranges(self.search_ranges)
+            attack_protocol.descriptor(self.method).validate_search_ranges(self.search_ranges)
         if self.segment < 1 or self.pool < 0:
             raise ConfigError("segment must be >= 1 and pool >= 0")
         if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int)
@@ -212,12 +207,6 @@ def _memory_estimate(victim: checkpoint.Victim, attack: attack_protocol.Attack, 
                                  min(segment, max(steps, 1)))
 
 
-def _bilevel_search_ranges(overrides: dict | None) -> dict:
-    """The bilevel random search's (lr, init_scale) ranges, both log-uniform, with ``overrides``."""
-    return resolve_ranges(overrides, {"lr": BILEVEL_LR_RANGE, "init_scale": BILEVEL_INIT_SCALE_RANGE},
-                          {"lr": "log-uniform", "init_scale": "log-uniform"}, what="bilevel ")
-
-
 def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     config = spec.bilevel
     problem = problem_from_victim(victim)
@@ -226,7 +215,7 @@ def _bilevel_program(spec: ReconstructionSpec, victim, truth, dtype) -> Program:
     if spec.random_search:
         rng = np.random.default_rng(spec.seed + 1)
         log_u = lambda bounds: np.exp(rng.uniform(np.log(bounds[0]), np.log(bounds[1]), spec.random_search))
-        ranges = _bilevel_search_ranges(spec.search_ranges)
+        ranges = bilevel.search_ranges(spec.search_ranges)
         sampled = {"learning_rate": log_u(ranges["lr"]),
                    "box_weight": np.full(spec.random_search, _values(spec.box_weight)[0]),
                    "tv_weight": np.full(spec.random_search, _values(spec.tv_weight)[0])}
@@ -324,52 +313,40 @@ def to_unit(centered: np.ndarray, truth: dict | None, mapping: str = IMAGE_MAPPI
     return images, metrics.IMAGE_MAPPINGS[mapping] + note
 
 
-def _finite_mean(values) -> float | None:
-    """Mean of the finite entries (None where there are none, e.g. a figure the engine does not count)."""
-    if values is None:
-        return None
-    values = np.asarray(values, float)
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else None
-
-
 def rank_runs(final_loss: np.ndarray, diverged: np.ndarray) -> np.ndarray:
     """Run indices best first: by final loss, diverged or non-finite runs last."""
     key = np.where(diverged | ~np.isfinite(final_loss), np.inf, final_loss)
     return np.argsort(key, kind="stable")
 
 
-DEFAULT_DTYPE = {"bilevel": None, "kkt": "float32"}
-"""The run's dtype when the spec gives none: bilevel keeps the victim's (None); KKT runs in
-float32, which ``benchmarks/precision.py`` measured safe for it (gradient of L_KKT within 1e-7
-of float64's, L_KKT after 100 steps equal to 7 digits; ``benchmarks/README.md``)."""
-
-FLOAT32_REACHABLE_TOL = 1e-7
-"""Below this, ‖∇_θL‖ tolerances are unreachable in float32 (the precision study's float32
-solves stall at ‖∇L‖ ≈ 1e-7); such a tolerance is warned about."""
+def requested_dtype(spec: ReconstructionSpec) -> str | None:
+    """The dtype a run asks for: ``spec.dtype``, else its method's ``default_dtype``
+    (``attack.descriptor``); None means the victim's training dtype."""
+    return spec.dtype or attack_protocol.descriptor(spec.method).default_dtype
 
 
 def cast_note(spec: ReconstructionSpec, victim_dtype: str, dtype: str) -> str | None:
     """Why θ* (trained in ``victim_dtype``) runs in ``dtype``; None when they agree."""
     if victim_dtype == dtype:
         return None
-    why = (f"the {spec.method} attack runs in {dtype} unless a dtype is given (benchmarks/precision.py: "
-           "float32 is safe for KKT); pass --dtype float64 (spec.dtype='float64') to keep float64"
+    reason = attack_protocol.descriptor(spec.method).dtype_reason
+    why = (f"the {spec.method} attack runs in {dtype} unless a dtype is given{f' ({reason})' if reason else ''}; "
+           "pass --dtype float64 (spec.dtype='float64') to keep float64"
            if spec.dtype is None else f"dtype {dtype} was asked for")
     return f"theta* (trained in {victim_dtype}) cast to {dtype}: {why}"
 
 
 def resolved_spec(spec: ReconstructionSpec, dtype) -> ReconstructionSpec:
     """``spec`` with the bilevel inner tolerances left None resolved from ``dtype``
-    (``InnerConfig.resolved``, i.e. ``recon_jax.precision.default_tolerances``). Warns when
-    a float32 run is given a tolerance float32 cannot reach."""
+    (``InnerConfig.resolved``, i.e. ``recon_jax.precision.default_tolerances``). Logs the
+    method's warnings about the resolved spec (``Method.spec_warnings``; bilevel: a float32 run
+    given a tolerance float32 cannot reach)."""
     inner = spec.bilevel.inner.resolved(dtype)
-    unreachable = min(inner.tol, inner.cg_tol) < FLOAT32_REACHABLE_TOL
-    if spec.method == "bilevel" and np.dtype(dtype) == np.float32 and unreachable:
-        log.warning("inner tol %.0e / CG tol %.0e are below what float32 reaches (~%.0e; float32 default %.0e): "
-                    "inner solves stop at their first failed line search or cap instead", inner.tol, inner.cg_tol,
-                    FLOAT32_REACHABLE_TOL, default_tolerances(dtype)["inner_tol"])
-    return dataclasses.replace(spec, bilevel=dataclasses.replace(spec.bilevel, inner=inner))
+    resolved = dataclasses.replace(spec, bilevel=dataclasses.replace(spec.bilevel, inner=inner))
+    warnings = attack_protocol.descriptor(spec.method).spec_warnings
+    for message in warnings(resolved, dtype) if warnings is not None else ():
+        log.warning("%s", message)
+    return resolved
 
 
 def run_identity(victim_dir: str | os.PathLike, spec: ReconstructionSpec) -> dict:
@@ -410,7 +387,8 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     A finished ``out_dir`` with the same spec is returned as is; an interrupted one resumes.
     """
     out_dir = Path(out_dir)
-    requested = spec.dtype or DEFAULT_DTYPE[spec.method]
+    method = attack_protocol.descriptor(spec.method)
+    requested = requested_dtype(spec)
     victim = checkpoint.load_victim(victim_dir, dtype=requested)  # θ* cast to the run's dtype here
     dtype = resolve_dtype(requested or victim.train_config.dtype)
     dtype_note = cast_note(spec, victim.train_config.dtype, dtype.name)
@@ -429,9 +407,9 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
     if (out_dir / "spec.json").is_file() and read_json(out_dir / "spec.json") != spec_json:
         raise ConfigError(f"{out_dir} holds an interrupted run with a different spec; use another --out "
                           "or pass --overwrite")
-    if spec.method == "bilevel" and not victim.report.get("stationary", False):
-        log.warning("victim is not certified stationary (%s): theta* is not an exact argmin, so the bilevel "
-                    "objective cannot reach 0 at the true images", victim.report.get("note", ""))
+    if method.needs_stationary_victim and not victim.report.get("stationary", False):
+        log.warning("victim is not certified stationary (%s): theta* is not an exact argmin, so the %s "
+                    "objective cannot reach 0 at the true images", victim.report.get("note", ""), spec.method)
 
     truth = sorted_ground_truth(victim_dir)
     build = PROGRAMS[spec.method]
@@ -504,17 +482,8 @@ def reconstruct(victim_dir: str | os.PathLike, out_dir: str | os.PathLike, spec:
         "seconds": seconds,
         "versions": versions(),
     }
-    if spec.method == "bilevel":
-        inner = run_spec.bilevel.inner
-        summary["inner_tol"], summary["cg_tol"] = inner.tol, inner.cg_tol
-        summary["inner_converged"] = (np.asarray(final["inner_grad_norm"]) <= inner.tol).tolist()
-        # Gradient evaluations of ∇_θL and its Hessian-vector-type products (JVPs/VJPs) per outer
-        # step and initialisation, averaged over the run (history.npz has them per step).
-        summary["engine"] = bilevel.resolve_engine(run_spec.bilevel, problem_from_victim(victim))
-        summary["cost_per_step"] = {"gradients": _finite_mean(history.get("cost_gradients")),
-                                    "hvps": _finite_mean(history.get("cost_hvps"))}
-        if summary["engine"] == "amortized":  # forward-only loss evaluations of the Newton line search
-            summary["cost_per_step"]["values"] = run_spec.bilevel.cost_per_step()["values"]
+    if method.summary_extras is not None:  # the method's own fields (bilevel: tolerances, engine, costs)
+        summary.update(method.summary_extras(run_spec, victim, final, history))
     atomic_write_json(out_dir / "run.json", summary)
     shutil.rmtree(out_dir / "chunks", ignore_errors=True)
     return summary

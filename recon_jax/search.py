@@ -2,7 +2,7 @@
 
 Both attacks can sweep by random search (``recon-jax sweep --runs R``): the KKT attack over
 the reference's ranges (``kkt.search_ranges``), the bilevel attack over a log-uniform
-learning rate and initial scale (``recon_jax.reconstruct``). :func:`resolve_ranges` is the
+learning rate and initial scale (``bilevel.search_ranges``). :func:`resolve_ranges` is the
 one place a user's overrides of such ranges are applied and checked, before any work.
 """
 

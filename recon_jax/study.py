@@ -54,8 +54,13 @@ Size and convergence (the last columns of summary.csv, for the identifiability m
 ("affine", "mlp-gelu-64", "mlp-gelu-64-64"), ``weight_decay``, ``n_per_class``;
 ``final_loss`` = ``final_loss_median``, the median final objective of the cell's non-diverged
 runs (bilevel: relative outer loss; KKT: L_KKT); ``converged_fraction``, the fraction of the
-cell's runs that meet ``converged_criterion`` (bilevel: objective ≤ ``CONVERGED_OBJECTIVE``;
-KKT: relative residual ≤ ``KKT_CONVERGED_RESIDUAL``; ``convergence_columns``).
+cell's runs that meet ``converged_criterion``, the method's (``attack.Method.converged``;
+bilevel: objective ≤ ``bilevel.CONVERGED_OBJECTIVE``; KKT: relative residual ≤
+``kkt.KKT_CONVERGED_RESIDUAL``; ``convergence_columns``).
+
+The study names no attack: what differs between methods (the convergence criterion, the
+parameter-mismatch figure, the landscape objective and its batch bound) comes from the
+method's registered descriptor, ``attack.descriptor(spec.method)``.
 """
 
 from __future__ import annotations
@@ -75,11 +80,11 @@ import numpy as np
 
 from recon_jax import checkpoint, metrics
 from recon_jax.artifacts import atomic_save_npz, atomic_write_bytes, atomic_write_json, json_roundtrip, read_json, versions
+from recon_jax.attack import descriptor
 from recon_jax.errors import ConfigError
 from recon_jax.evaluation import evaluate_run
 from recon_jax.initialisation import truth_for_slots
 from recon_jax.landscape import distinct_minima
-from recon_jax.models import count_params
 from recon_jax.reconstruct import reconstruct, run_identity, sorted_ground_truth
 from recon_jax.studyconfig import Cell, StudyConfig
 from recon_jax.victim import train_and_save
@@ -103,18 +108,8 @@ METRIC_COLUMNS = (
     "final_loss", "converged_fraction", "converged_criterion",
 )
 SIZE_COLUMNS = ("n_train", "n_pixels", "n_params", "unknowns_per_param", "arch", "weight_decay", "n_per_class")
-CONVERGED_OBJECTIVE = 1e-6
-"""Bilevel: a run has converged when its final objective, the relative outer loss
-l(θ(x), θ*) = ‖θ(x) − θ*‖² / ‖θ*‖² (``bilevel.parameter_loss``), is at most this."""
-KKT_CONVERGED_RESIDUAL = 1e-3
-"""KKT: a run has converged when its final relative residual ‖θ* − G(x, λ)‖ / ‖θ*‖ (reported
-by ``kkt.kkt_loss`` as ``relative_residual``) is at most this. The KKT objective L_KKT is
-absolute: it grows with ‖θ*‖² and holds the box and λ penalties, so no threshold on it means
-the same on two victims. The squared relative residual ‖θ* − G‖² / ‖θ*‖² is the same kind of
-figure as the bilevel objective, a relative squared mismatch in parameter space (θ* against
-what the candidates imply), so the bilevel criterion 1e-6 on it is √1e-6 = 1e-3 on the residual."""
 DISTANCE_MAPPING = "clip"  # init_distance and moved (module doc); SSIM columns: the evaluation's mapping
-LANDSCAPE_BYTES = 1 << 30  # KKT slices run in batches whose per-point Jacobians fit in this many bytes
+LANDSCAPE_BYTES = 1 << 30  # slices run in batches of points within this (``Method.landscape_point_bytes``: KKT)
 
 
 def _victim_dir(out: Path, name: str) -> Path:
@@ -210,13 +205,12 @@ def size_columns(victim_dir: Path) -> dict:
 
 def convergence_columns(run: dict) -> dict:
     """``converged_fraction``: the fraction of a cell's K runs (diverged ones count as not
-    converged) whose final objective meets the method's criterion, ``converged_criterion``:
-    bilevel outer loss ≤ ``CONVERGED_OBJECTIVE``, KKT relative residual ≤ ``KKT_CONVERGED_RESIDUAL``.
-    ``run``: the run's run.json."""
-    if run.get("method") == "kkt":
-        values, threshold, name = run.get("final_relative_residual"), KKT_CONVERGED_RESIDUAL, "relative_residual"
-    else:
-        values, threshold, name = run.get("final_outer_loss"), CONVERGED_OBJECTIVE, run.get("final_loss_name", "outer_loss")
+    converged) whose final figure meets the method's criterion (``attack.Method.converged``),
+    ``converged_criterion``: bilevel outer loss ≤ ``bilevel.CONVERGED_OBJECTIVE``, KKT relative
+    residual ≤ ``kkt.KKT_CONVERGED_RESIDUAL``. ``run``: the run's run.json. Returns both columns
+    (None when run.json lacks the figure)."""
+    criterion = descriptor(run.get("method")).converged
+    values, threshold, name = run.get(criterion.key), criterion.threshold, criterion.label
     if values is None:
         return {"converged_fraction": None, "converged_criterion": None}
     values = np.asarray([np.nan if v is None else v for v in values], float)
@@ -239,19 +233,14 @@ def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path,
     victim = checkpoint.load_victim(victim_dir, dtype=run.get("dtype", spec.dtype))
     mean = truth["mean"]
     target = truth_for_slots(labels, truth["train_images"] - mean, truth["train_labels"])
-    kkt_hyper = None
-    if spec.method == "kkt":
-        from recon_jax import kkt
-        best = ranking[0]
-        kkt_hyper = kkt.Hyper(lr_x=run["run_lr_x"][best], lr_lambda=run["run_lr_lambda"][best],
-                              alpha=run["run_alpha"][best], lambda_min=run["run_lambda_min"][best])
-    f = landscape.objective_function(victim, spec.method, labels=labels, bilevel_config=spec.bilevel,
-                                     kkt_config=spec.kkt, kkt_hyper=kkt_hyper)
+    method = descriptor(spec.method)
+    # The method's objective of the images alone, as the best run saw it (KKT: that run's α).
+    f = landscape.objective_function(victim, spec.method, labels=labels,
+                                     **method.objective_options(spec, run, ranking[0]))
     dtype = np.dtype(run.get("dtype", centered.dtype))
     batch_size = None
-    if spec.method == "kkt":  # the profiled objective holds a (q, P) Jacobian per point: bound the batch
-        q = len(labels) * (victim.model.n_out if spec.kkt.task == "regression" else 1)
-        per_point = 4 * q * count_params(victim.params) * np.dtype(dtype).itemsize
+    if method.landscape_point_bytes is not None:  # e.g. KKT's profiled objective: a (q, P) Jacobian per point
+        per_point = method.landscape_point_bytes(victim, labels, spec, dtype)
         batch_size = int(max(1, min(config.landscape.points_2d ** 2, LANDSCAPE_BYTES // per_point)))
     start = centered[ranking[0]].astype(dtype)
     line = landscape.slice_1d(f, start, target.astype(dtype), n=config.landscape.points_1d,
@@ -317,7 +306,7 @@ def run_cell(config: StudyConfig, cell: Cell, out: Path, *, progress: Callable[[
         tol = config.minima.objective_atol + config.minima.objective_rtol * abs(best)
         found = distinct_minima(centered, losses[ok], tol, config.minima.distance_threshold)
         minima = {"distinct_minima": int(found.count), "minima_candidates": int(len(found.candidates))}
-    mismatch_key = "final_relative_residual" if spec.method == "kkt" else "final_outer_loss"
+    mismatch_key = descriptor(spec.method).mismatch_key
     mismatch = np.asarray(run.get(mismatch_key, losses), float)[ok] if ok.any() else np.array([np.nan])
     timings["seconds_evaluate"] = time.perf_counter() - start
 
