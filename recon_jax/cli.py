@@ -424,14 +424,28 @@ def _add_identifiability(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.75, help="AUC at which the transition is read (default 0.75)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--swap", action="store_true",
+                   help="add the swap test: membership AUC from the attack's own objective when a candidate image "
+                        "replaces a reconstruction of its class (recon_jax.swap; one objective evaluation per "
+                        "candidate and slot of its class, cached per cell)")
+    p.add_argument("--swap-batch", type=int, default=None,
+                   help="swapped sets per vmapped evaluation (default 32; lower it to bound memory)")
     p.set_defaults(func=_run_identifiability)
 
 
 def _run_identifiability(args) -> int:
     from recon_jax.identifiability import write_identifiability
+    from recon_jax.precision import enable_float64
 
+    from recon_jax import studyconfig
+    from recon_jax.artifacts import read_json
+
+    config_file = Path(args.study) / "config.json"
+    if args.swap and config_file.is_file() and studyconfig.needs_float64(read_json(config_file)):
+        enable_float64()  # the swap test loads the study's victims, in their dtype, as `recon-jax study` did
     result = write_identifiability(args.study, args.out, n_resamples=args.resamples, level=args.level, seed=args.seed,
-                                   threshold=args.threshold, draw=not args.no_figures)
+                                   threshold=args.threshold, draw=not args.no_figures, swap=args.swap,
+                                   swap_batch=args.swap_batch)
     for row in result["transitions"]:
         interval = f"[{row['transition_low']:.3g}, {row['transition_high']:.3g}]"
         print(f"{row['method']} {row['arch']} {row['init']} wd {row['weight_decay']:g}: transition N*D/P = "

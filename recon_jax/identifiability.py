@@ -77,6 +77,7 @@ POINT_COLUMNS = (
     "victim", "method", "init", "arch", "n_train", "n_pixels", "n_params", "unknowns_per_param", "n_per_class",
     "weight_decay", "n_seeds", "n_runs", "auc", "auc_low", "auc_high", "level", "resamples", "auc_summary",
     "converged_fraction", "own_ssim", "final_loss", "train_above_heldout_count", "cells", "note",
+    "auc_swap", "auc_swap_low", "auc_swap_high", "swap_cell", "swap_nonfinite",
 )
 TRANSITION_COLUMNS = (
     "method", "arch", "init", "weight_decay", "n_points", "ratio_min", "ratio_max", "threshold", "transition",
@@ -346,10 +347,16 @@ def _mean(cells: list[dict], key: str) -> float | None:
 
 
 def identifiability_points(study_dir: str | os.PathLike, *, n_resamples: int = DEFAULT_RESAMPLES,
-                           level: float = DEFAULT_LEVEL, seed: int = 0) -> list[dict]:
+                           level: float = DEFAULT_LEVEL, seed: int = 0, swap: bool = False,
+                           swap_batch: int | None = None) -> list[dict]:
     """One dict per point (victim, method, init) of a finished study, in the study's order:
     ``POINT_COLUMNS``, plus ``replicates`` ``(B,)`` and the victim's saved ``spec``. The
-    bootstrap of every point draws from its own generator, seeded by (``seed``, point index)."""
+    bootstrap of every point draws from its own generator, seeded by (``seed``, point index).
+
+    ``swap=True`` adds the swap test (``recon_jax.swap``: membership evidence from the attack's
+    own objective) on the best run of the point's first cell with a non-diverged run:
+    ``auc_swap`` with a bootstrap interval over the candidate images; cached per cell in
+    ``cells/<cell>/swap.npz``. Otherwise those columns are empty."""
     study = Path(study_dir)
     cells = _study_results(study)
     groups: dict[tuple, list[dict]] = {}
@@ -384,7 +391,26 @@ def identifiability_points(study_dir: str | os.PathLike, *, n_resamples: int = D
             "cells": " ".join(c["cell"] for c in members), "note": "; ".join(notes),
             "replicates": interval.replicates, "spec": meta.get("spec"),
         })
+        if swap:
+            points[-1].update(_swap_columns(study, members, n_resamples, level, np.random.default_rng([seed, index, 1]),
+                                            swap_batch))
     return points
+
+
+def _swap_columns(study: Path, members: list[dict], n_resamples: int, level: float, rng: np.random.Generator,
+                  batch_size: int | None) -> dict:
+    """The swap-test columns of one point, from its first cell with a non-diverged run."""
+    from recon_jax import swap
+
+    options = {} if batch_size is None else {"batch_size": int(batch_size)}
+    for cell in members:
+        result = swap.cached_cell_swap(study, cell, **options)
+        if result:
+            low, high = swap.swap_interval(result["delta_train"], result["delta_heldout"], n_resamples=n_resamples,
+                                           level=level, rng=rng)
+            return {"auc_swap": float(result["auc_swap"]), "auc_swap_low": low, "auc_swap_high": high,
+                    "swap_cell": cell["cell"], "swap_nonfinite": int(result["nonfinite"])}
+    return {}
 
 
 def _without(spec: dict | None, *keys: str) -> str:
@@ -504,6 +530,27 @@ def _figures(points: list[dict], fig_dir: Path, threshold: float, level: float) 
             figures.curve_panels(fig_dir / file, [{"ylabel": ylabel, "curves": panels[name], "hlines": hlines,
                                                    "ylim": ylim}], ratio_label, logx=True, title=title)
             written.append(file)
+    for init in dict.fromkeys(p["init"] for p in points if p.get("auc_swap") is not None):
+        curves_ = {}
+        for key, members in by_curve.items():
+            members = [p for p in members if p.get("auc_swap") is not None]
+            if key[2] != init or not members:
+                continue
+            label = _label(key[0], key[1], key[3], len({k[3] for k in by_curve if k[2] == init}) > 1)
+            x = [p["unknowns_per_param"] for p in members]
+            curves_[f"{label}: distance"] = {"x": x, "y": [p["auc"] for p in members],
+                                             "low": [p["auc_low"] for p in members],
+                                             "high": [p["auc_high"] for p in members]}
+            curves_[f"{label}: swap"] = {"x": x, "y": [p["auc_swap"] for p in members],
+                                         "low": [p["auc_swap_low"] for p in members],
+                                         "high": [p["auc_swap_high"] for p in members]}
+        file = f"swap_vs_distance_{_slug(init)}.png"
+        figures.curve_panels(fig_dir / file, [{"ylabel": "membership AUC", "curves": curves_, "ylim": (0.0, 1.02),
+                                               "hlines": [(threshold, f"AUC = {threshold:g}", "--"),
+                                                          (0.5, "chance", ":")]}],
+                             ratio_label, logx=True,
+                             title=f"init {init}: nearest-reconstruction distance vs the attack's objective (swap test)")
+        written.append(file)
     groups = weight_decay_groups(points)
     for init in dict.fromkeys(key[1] for key in groups):
         auc, ssim = {}, {}
@@ -547,11 +594,15 @@ def _markdown(study: Path, points: list[dict], rows: list[dict], written: list[s
                      f"{fmt(r['ratio_min'])}–{fmt(r['ratio_max'])} | {fmt(r['transition'])} | "
                      f"[{fmt(r['transition_low'])}, {fmt(r['transition_high'])}] | {fmt(r['replicates_crossing'])} | "
                      f"{r['note']} |")
-    lines += ["", "## Points", "", "| victim | method | init | N·D/P | AUC | interval | converged | own SSIM |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Points", "", "AUC swap: the swap test on the best run (`recon_jax.swap`), Δ(p) = "
+              "min_j f(x̂ with slot j ← p) − f(x̂) over the slots of p's class, score −Δ; interval over the candidate "
+              "images (– where not computed: `recon-jax identifiability --swap`).", "",
+              "| victim | method | init | N·D/P | AUC | interval | AUC swap | interval | converged | own SSIM |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p['victim']} | {p['method']} | {p['init']} | {fmt(p['unknowns_per_param'])} | "
-                     f"{fmt(p['auc'])} | [{fmt(p['auc_low'])}, {fmt(p['auc_high'])}] | "
+                     f"{fmt(p['auc'])} | [{fmt(p['auc_low'])}, {fmt(p['auc_high'])}] | {fmt(p.get('auc_swap'))} | "
+                     f"[{fmt(p.get('auc_swap_low'))}, {fmt(p.get('auc_swap_high'))}] | "
                      f"{fmt(p['converged_fraction'])} | {fmt(p['own_ssim'])} |")
     lines += ["", "## Figures", ""] + [f"![{name}](figures/{name})\n" for name in written]
     return "\n".join(lines) + "\n"
@@ -559,14 +610,17 @@ def _markdown(study: Path, points: list[dict], rows: list[dict], written: list[s
 
 def write_identifiability(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                           n_resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed: int = 0,
-                          threshold: float = AUC_THRESHOLD, draw: bool = True) -> dict:
+                          threshold: float = AUC_THRESHOLD, draw: bool = True, swap: bool = False,
+                          swap_batch: int | None = None) -> dict:
     """Compute the map of a finished study and write it (module doc) to ``out_dir`` (default
-    ``<study>/identifiability``). Returns {"points", "transitions", "figures", "out"}."""
+    ``<study>/identifiability``); ``swap=True`` adds the swap test's AUC per point
+    (``identifiability_points``). Returns {"points", "transitions", "figures", "out"}."""
     if not 0 < threshold < 1:
         raise ConfigError(f"threshold must be an AUC in (0, 1), e.g. 0.75; got {threshold}")
     study = Path(study_dir)
     out = Path(out_dir) if out_dir is not None else study / "identifiability"
-    points = identifiability_points(study, n_resamples=n_resamples, level=level, seed=seed)
+    points = identifiability_points(study, n_resamples=n_resamples, level=level, seed=seed, swap=swap,
+                                    swap_batch=swap_batch)
     rows = transitions(points, threshold=threshold, level=level)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "identifiability.csv", _csv(points, POINT_COLUMNS))
