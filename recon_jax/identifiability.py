@@ -549,7 +549,7 @@ def _figures(points: list[dict], fig_dir: Path, threshold: float, level: float) 
                                                "hlines": [(threshold, f"AUC = {threshold:g}", "--"),
                                                           (0.5, "chance", ":")]}],
                              ratio_label, logx=True,
-                             title=f"init {init}: nearest-reconstruction distance vs the attack's objective (swap test)")
+                             title=f"init {init}: distance AUC and swap-test AUC")
         written.append(file)
     groups = weight_decay_groups(points)
     for init in dict.fromkeys(key[1] for key in groups):

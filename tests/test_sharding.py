@@ -39,21 +39,22 @@ SCRIPT = textwrap.dedent(r'''
     jax.config.update("jax_enable_x64", True)
     from recon_jax import batching, checkpoint, data, kkt, bilevel
     from recon_jax.errors import ConfigError
-    from recon_jax.models import MLP, init_params
+    from recon_jax.models import CNN, MLP, init_params
     from recon_jax.reconstruct import ReconstructionSpec, reconstruct
     from recon_jax.solvers import InnerConfig
     from recon_jax.training import TrainConfig, TrainReport
 
     method, device_counts, out = sys.argv[1], [int(d) for d in sys.argv[2].split(",")], Path(sys.argv[3])
+    arch = sys.argv[4] if len(sys.argv) > 4 else "affine"
     result = {"n_devices": jax.local_device_count()}
 
     # A tiny victim folder: 2 digit classes x 2 images of 8x8, an affine model with random weights
     # (what is compared is the same program on different device counts, not the attack's success).
     victim_data = data.select(data.load_dataset("digits"), n_per_class=2, classes=(0, 1), seed=0)
-    model = MLP(n_out=2, hidden=(), activation="gelu")
+    model = CNN(n_out=2, channels=(2,)) if arch == "cnn" else MLP(n_out=2, hidden=(), activation="gelu")
     params = init_params(model, jax.random.key(0), (8, 8, 1), jnp.float64)
     report = TrainReport(grad_norm=1.0, grad_norm_rel=1.0, loss=1.0, train_accuracy=1.0, heldout_accuracy=None,
-                         n_params=130, iterations=0, stationary=False, certify_tol=1e-8, seconds=0.0,
+                         n_params=sum(a.size for a in jax.tree_util.tree_leaves(params)), iterations=0, stationary=False, certify_tol=1e-8, seconds=0.0,
                          solver="none", dtype="float64", note="random weights for a sharding test")
     victim_dir = checkpoint.save_victim(out / "victim", model=model, params=params, image_shape=(8, 8, 1),
                                         train_config=TrainConfig(loss="ce", weight_decay=1e-2), report=report,
@@ -117,6 +118,9 @@ SCRIPT = textwrap.dedent(r'''
         result[f"max_abs_diff_{d}"] = max(float(np.nanmax(np.abs(runs[d][k].astype(float) - reference[k].astype(float)),
                                                           initial=0.0))
                                           for k in reference if runs[d][k].size)
+        result[f"max_abs_diff_by_key_{d}"] = {
+            k: float(np.nanmax(np.abs(runs[d][k].astype(float) - reference[k].astype(float)), initial=0.0))
+            for k in reference if runs[d][k].size}
         result[f"allclose_1e-12_{d}"] = all(np.allclose(runs[d][k], reference[k], rtol=1e-12, atol=1e-12, equal_nan=True)
                                             for k in reference)
     result["n_runs"] = int(len(reference["final_outer_loss"]))
@@ -125,12 +129,12 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
-def _run(tmp_path, method: str, devices: str, flags: str = STRICT_FLAGS) -> dict:
+def _run(tmp_path, method: str, devices: str, flags: str = STRICT_FLAGS, arch: str = "affine") -> dict:
     script = tmp_path / "sharding_check.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {flags}".strip(),
            "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, str(script), method, devices, str(tmp_path)], env=env,
+    done = subprocess.run([sys.executable, str(script), method, devices, str(tmp_path), arch], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -152,6 +156,26 @@ def test_bilevel_reconstruction_on_8_devices_equals_1_device(tmp_path):
     assert result["bitwise_8"], result["max_abs_diff_8"]
 
 
+@pytest.mark.parametrize("method", ["bilevel", "kkt"])
+def test_a_cnn_victim_shards_like_an_mlp(tmp_path, method):
+    """A convolutional victim through the same sharded program: 13 runs padded to 16 over 8
+    devices agree with 1 device to round-off (KKT) or to the inner solve's tolerance (bilevel).
+    Not bit for bit, unlike the affine victim: the convolution's patch products are reduced in
+    an order that depends on how many runs share a device (KKT: 8.9e-16 at most), and on this
+    nonconvex inner problem (random CNN weights) such a difference flips an L-BFGS stopping
+    test, so a run's inner iteration count may differ (measured: by 29) while its images move
+    by 5e-9."""
+    result = _run(tmp_path, method, "8,1", arch="cnn")
+    assert result["n_devices"] == 8 and result["n_runs"] == 13 and result["finite"]
+    _assert_sharded_over(result, 8, 16)
+    diffs = result["max_abs_diff_by_key_8"]
+    if method == "kkt":
+        assert result["allclose_1e-12_8"], diffs
+    else:
+        for key in ("reconstructions.npz:centered", "final_outer_loss", "history.npz:outer_loss"):
+            assert diffs[key] <= 1e-7, (key, diffs[key])
+
+
 def test_kkt_run_on_8_and_3_devices_equals_1_device(tmp_path):
     result = _run(tmp_path, "kkt", "8,3,1")
     assert result["n_devices"] == 8 and result["n_runs"] == 13 and result["finite"]
@@ -163,7 +187,8 @@ def test_kkt_run_on_8_and_3_devices_equals_1_device(tmp_path):
 def test_kkt_run_with_default_compiler_flags_agrees_to_1e12(tmp_path):
     result = _run(tmp_path, "kkt", "8,1", flags="")
     _assert_sharded_over(result, 8, 16)
-    assert result["allclose_1e-12_8"], result["max_abs_diff_8"]
+    diffs = result["max_abs_diff_by_key_8"]
+    assert result["allclose_1e-12_8"], sorted(diffs.items(), key=lambda kv: -kv[1])[:6]
 
 
 def test_more_devices_than_available_is_a_clear_error(tmp_path):
