@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 from jax import lax
 
@@ -464,7 +465,7 @@ def layer_macs(model: nn.Module, image_shape: Sequence[int]) -> tuple[int, ...]:
                 kernel = eqn.invars[1].aval.shape
                 per_output = kernel[rhs_spec[1]] * math.prod(kernel[d] for d in rhs_spec[2:])
                 macs.append(math.prod(eqn.outvars[0].aval.shape) * per_output)
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
     walk(closed.jaxpr)
