@@ -199,7 +199,7 @@ def objective_function(victim: Victim, method: str, *, labels=None,
 # ---------------------------------------------------------------------------------------
 
 
-def _evaluate(f: Callable, points: jax.Array, batch_size: int | None) -> np.ndarray:
+def evaluate_points(f: Callable, points: jax.Array, batch_size: int | None) -> np.ndarray:
     """f on each of points (B, *shape): one vmapped, jitted call over all B, or (to bound
     memory) the same program over batches of ``batch_size`` points, the last batch padded by
     repeating its final point so that one compilation serves every batch. -> (B,) numpy.
@@ -266,7 +266,7 @@ def slice_1d(f: Callable, start, end, n: int = 21, extend: float = 0.25, *,
     ts = jnp.asarray(np.concatenate([t, [0.0, 1.0]]), start.dtype)
     direction = end - start
     points = start[None] + ts[:, None, None, None, None] * direction[None]
-    values = _evaluate(f, points, batch_size)
+    values = evaluate_points(f, points, batch_size)
     return {"t": t, "values": values[:n], "start_value": float(values[n]), "end_value": float(values[n + 1]),
             "distance": float(jnp.linalg.norm(direction))}
 
@@ -335,7 +335,7 @@ def slice_2d(f: Callable, origin, a, b, n: int = 11, extend: float = 0.25, *,
     plane = jnp.asarray(plane, origin.dtype)
     points = (origin[None] + plane[:, 0, None, None, None, None] * e1[None]
               + plane[:, 1, None, None, None, None] * e2[None])
-    values = _evaluate(f, points, batch_size)
+    values = evaluate_points(f, points, batch_size)
     return {"u": u, "v": v, "values": values[: n * n].reshape(n, n), "points": coordinates,
             "point_values": values[n * n:], "names": tuple(names)}
 
@@ -454,6 +454,6 @@ def distinct_minima_report(f: Callable, images, *, objective_tol: float, distanc
     images = jnp.asarray(images)
     if images.ndim != 5:
         raise ConfigError(f"images must be K runs of image sets (K, m, h, w, c), got shape {tuple(images.shape)}")
-    values = _evaluate(f, images, batch_size)
+    values = evaluate_points(f, images, batch_size)
     result = distinct_minima(np.asarray(images), values, objective_tol, distance_threshold, **options)
     return {"objective_values": values, **result._asdict()}

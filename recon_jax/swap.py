@@ -26,6 +26,7 @@ one profiled linear solve. The pairs are vmapped in batches, as landscape slices
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +38,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from recon_jax.artifacts import read_json
 from recon_jax.errors import ConfigError
+from recon_jax.landscape import evaluate_points
 from recon_jax.metrics.membership import membership_auc
 
 DEFAULT_BATCH = 32
@@ -80,8 +82,8 @@ def swap_deltas(f: Callable[[jax.Array], jax.Array], reconstruction: ArrayLike, 
     f: the attack objective of a set of m mean-subtracted images (m, h, w, c) -> scalar;
     reconstruction x̂ (m, h, w, c) with ``slot_labels`` (m,); candidates (n, h, w, c),
     mean-subtracted like x̂, with ``candidate_labels`` (n,). The (candidate, slot) pairs go
-    through one jitted, vmapped program in batches of ``batch_size`` (the last padded by
-    repeating its final pair, so one compilation serves all). Returns a ``SwapResult``.
+    through one jitted, vmapped program in batches of ``batch_size``
+    (``landscape.evaluate_points``: the last padded, so one compilation serves all). Returns a ``SwapResult``.
     """
     x = jnp.asarray(reconstruction)
     candidates = jnp.asarray(candidates, x.dtype)
@@ -94,27 +96,17 @@ def swap_deltas(f: Callable[[jax.Array], jax.Array], reconstruction: ArrayLike, 
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     cand, slot = swap_pairs(slot_labels, candidate_labels)
     f_x = float(jax.jit(f)(x))
-
-    @jax.jit
-    @jax.vmap
-    def swapped(i, j):
-        return f(x.at[j].set(candidates[i]))
-
-    values = []
-    for start in range(0, cand.size, batch_size):
-        ci, sj = cand[start:start + batch_size], slot[start:start + batch_size]
-        size = ci.size
-        if size < batch_size:
-            ci = np.concatenate([ci, np.full(batch_size - size, ci[-1])])
-            sj = np.concatenate([sj, np.full(batch_size - size, sj[-1])])
-        values.append(np.asarray(swapped(jnp.asarray(ci), jnp.asarray(sj)), np.float64)[:size])
-    values = np.concatenate(values)
+    swapped = lambda pair: f(x.at[pair[1]].set(candidates[pair[0]]))
+    values = np.asarray(evaluate_points(swapped, jnp.asarray(np.stack([cand, slot], axis=1)), batch_size), np.float64)
+    # The pairs come candidate by candidate (swap_pairs): each candidate's minimum over its block.
+    starts = np.flatnonzero(np.r_[True, cand[1:] != cand[:-1]])
+    safe = np.where(np.isnan(values), np.inf, values)
+    best_in_block = np.array([start + int(np.argmin(safe[start:end]))
+                              for start, end in zip(starts, np.r_[starts[1:], cand.size])])
     n = candidates.shape[0]
-    deltas, best = np.full(n, np.inf), np.zeros(n, np.int64)
-    for k in range(cand.size):
-        i = cand[k]
-        if values[k] < deltas[i] or (np.isnan(values[k]) and not np.isnan(deltas[i])):
-            deltas[i], best[i] = values[k], slot[k]
+    deltas, best = np.full(n, np.nan), np.zeros(n, np.int64)
+    deltas[cand[starts]] = values[best_in_block]
+    best[cand[starts]] = slot[best_in_block]
     return SwapResult(deltas=deltas - f_x, best_slot=best, f_reconstruction=f_x, evaluations=int(cand.size) + 1)
 
 
@@ -136,8 +128,6 @@ def cell_swap(study_dir: str | os.PathLike, cell: dict, *, batch_size: int = DEF
     run's α), in the run's dtype. Returns {"auc_swap", "delta_train", "delta_heldout",
     "f_best", "evaluations", "seconds", "best_run"}, or {} when every run diverged.
     """
-    import time
-
     from recon_jax import checkpoint, landscape, studyconfig
     from recon_jax.attack import descriptor
 
