@@ -30,9 +30,11 @@ for a convex inner problem, an affine victim, and the implicit one otherwise, se
       g = ∂l/∂θ(θ),  (H(θ) + ρI) v = g                     ``adjoint_cg`` CG iterations, warm from v
       ∇_x = −(∂_x∇_θL(θ; x))ᵀ v                             one VJP
 
-  All Hessian-vector products come from one ``jax.linearize`` of ∇_θL per linear system
-  (``recon_jax.newton``), every loop has a fixed length with masks (no data-dependent
-  ``while_loop``: under ``vmap`` and shardings each initialisation's arithmetic is its own),
+  The Newton system's Hessian-vector products come from one ``jax.linearize`` of ∇_θL
+  (``recon_jax.newton``); the adjoint's, and the cross-term VJP, from one ``jax.vjp`` of
+  ∇_θL in (θ, x) at the updated θ (H is symmetric, so its VJP is its product). Every loop
+  has a fixed length with masks (no data-dependent ``while_loop``: under ``vmap`` and
+  shardings each initialisation's arithmetic is its own),
   and the step's gradient norm ‖∇_θL(θ; x)‖ and CG residual come out of the same products.
   Every ``refresh_every`` steps, and always at step 0 (from θ* and v = 0 a random x₀ is far
   from θ(x₀): an amortized start there fails), θ is re-solved by L-BFGS to the inner
@@ -108,8 +110,8 @@ class BilevelConfig:
     inner: InnerConfig = InnerConfig()
     engine: str = "auto"
     newton_steps: int = 1
-    newton_cg: int = 8
-    adjoint_cg: int = 8
+    newton_cg: int = 6
+    adjoint_cg: int = 6
     refresh_every: int = 100
     adjoint_hessian: str = "updated"
     schedule: str = "plateau"
@@ -152,12 +154,15 @@ class BilevelConfig:
                  together) + 1 (the warm-started adjoint's initial residual) + 1 VJP
                  + (newton_steps − 1) × (1 gradient + newton_cg products)
         updated: newton_steps + 1 gradients;  newton_steps × newton_cg + adjoint_cg + 1 + 1 VJP
+                 (the last gradient is the primal pass of the VJP linearisation that gives both
+                 the adjoint's products and the cross-term VJP)
         "values" counts the loss evaluations (forward passes only) of the Newton steps' parallel
-        Armijo line search (``recon_jax.newton.guarded_newton_step``): L(θ) and 4 trial steps.
+        Armijo line search (``recon_jax.newton.guarded_newton_step``): its 4 trial steps (L(θ)
+        itself comes out of the step's linearisation).
         """
-        trials = (len(LINE_SEARCH_STEPS) + 1) * self.newton_steps  # L(θ) and the line search's trial values
+        trials = len(LINE_SEARCH_STEPS) * self.newton_steps  # the line search's trial values
         if self.adjoint_hessian == "shared":
-            return {"gradients": self.newton_steps, "values": (len(LINE_SEARCH_STEPS) + 1) * (self.newton_steps - 1),
+            return {"gradients": self.newton_steps, "values": len(LINE_SEARCH_STEPS) * (self.newton_steps - 1),
                     "hvps": 2 * self.newton_cg + 2 + (self.newton_steps - 1) * self.newton_cg}
         return {"gradients": self.newton_steps + 1, "values": trials,
                 "hvps": self.newton_steps * self.newton_cg + self.adjoint_cg + 2}
@@ -379,11 +384,15 @@ def _amortized_hypergradient(config: BilevelConfig, problem: Problem, hyper: Hyp
             params, _, info, step_size = guarded_newton_step(objective, params, images, labels,
                                                              iterations=config.newton_cg, ridge=ridge, tol=tol)
             newton_iterations = newton_iterations + info.iterations
-        grad, hvp = gradient_and_hvp(objective, params, images, labels)
+        # One VJP linearisation of F(θ, x) = ∇_θL(θ; x) at (θ⁺, x) serves both the adjoint's
+        # products H u = (∂_θF)ᵀu (H is symmetric) and the cross term (∂_xF)ᵀv: one primal pass,
+        # where a linearisation for H and a separate VJP for the cross term took two.
+        grad, pullback = jax.vjp(lambda p, x: jax.grad(objective)(p, x, labels), params, images)
+        hvp = lambda u: pullback(u)[0]
         outer, cotangent = jax.value_and_grad(outer_of)(params)
         adjoint, adjoint_info = conjugate_gradient(hvp, cotangent, state.adjoint, iterations=config.adjoint_cg,
                                                    ridge=ridge, tol=tol)
-        grad_images_outer = -_cross_vjp(problem, params, images, adjoint)
+        grad_images_outer = -pullback(adjoint)[1]
         adjoint_iterations, residual = adjoint_info.iterations, adjoint_info.residual
     for _ in range(extra_newton):
         params, _, info, step_size = guarded_newton_step(objective, params, images, labels,

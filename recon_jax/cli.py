@@ -181,8 +181,11 @@ def _add_attack_args(p, *, sweep: bool) -> None:
                         "--inner-tol and jaxopt implicit differentiation at every step; auto (default): amortized "
                         "for affine victims (convex inner problem), implicit for networks with hidden layers")
     b.add_argument("--newton-steps", type=int, default=1, help="amortized: Newton steps per outer step (default 1)")
-    b.add_argument("--newton-cg", type=int, default=8, help="amortized: CG iterations per Newton step (default 8)")
-    b.add_argument("--adjoint-cg", type=int, default=8, help="amortized: adjoint CG iterations per step (default 8)")
+    defaults = bilevel.BilevelConfig()
+    b.add_argument("--newton-cg", type=int, default=defaults.newton_cg,
+                   help=f"amortized: CG iterations per Newton step (default {defaults.newton_cg})")
+    b.add_argument("--adjoint-cg", type=int, default=defaults.adjoint_cg,
+                   help=f"amortized: adjoint CG iterations per step (default {defaults.adjoint_cg})")
     b.add_argument("--adjoint-hessian", choices=bilevel.ADJOINT_HESSIANS, default="updated",
                    help="amortized: adjoint at the Newton-updated theta (default), or solved with the Newton step "
                         "as one block CG on one shared linearisation (cheaper, less exact; uses --newton-cg)")

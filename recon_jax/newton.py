@@ -387,10 +387,10 @@ def guarded_newton_step(objective: Callable, params, *args, iterations: int, rid
 
     The trial values L(θ + α d) are evaluated together (one vmapped forward pass over the
     len(steps) candidates), so there is no data-dependent loop: under ``vmap`` each element
-    picks its own α. Returns (θ⁺, ‖g‖, CGInfo, α).
+    picks its own α. L(θ) comes out of the same linearisation as g and H. Returns
+    (θ⁺, ‖g‖, CGInfo, α).
     """
-    value = objective(params, *args)
-    grad, hvp = gradient_and_hvp(objective, params, *args)
+    value, grad, hvp = value_gradient_and_hvp(objective, params, *args)
     direction, info = conjugate_gradient(hvp, tree_map(jnp.negative, grad), None, iterations=iterations,
                                          ridge=ridge, tol=tol)
     slope = tree_vdot(grad, direction)

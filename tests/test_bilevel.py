@@ -270,7 +270,7 @@ def test_amortized_refresh_runs_at_step_zero_and_every_period_across_segments(sm
     refreshed = np.isfinite(whole[1]["refresh_correction"])
     assert refreshed[:, [0, 3, 6]].all() and not refreshed[:, [1, 2, 4, 5]].any()
     cost = config.cost_per_step()
-    assert cost == {"gradients": 2, "values": 5, "hvps": 1 * 8 + 8 + 2}
+    assert cost == {"gradients": 2, "values": 4, "hvps": 1 * 6 + 6 + 2}
     plain = whole[1]["cost_gradients"][:, [1, 2, 4, 5]]
     np.testing.assert_array_equal(plain, cost["gradients"])
     assert (whole[1]["cost_gradients"][:, 0] > cost["gradients"]).all()
