@@ -194,6 +194,44 @@ def objective_function(victim: Victim, method: str, *, labels=None,
     return descriptor(method).objective(victim, labels=labels, ridge=ridge, **given)
 
 
+class BestRun(NamedTuple):
+    """A finished run's best (lowest-loss, non-diverged) reconstruction and the objective it saw."""
+
+    objective: Callable[[jax.Array], jax.Array]  # f(x), the method's objective (``objective_function``)
+    victim: Victim  # loaded in the run's dtype
+    run: dict  # run.json
+    ranking: list[int]  # the non-diverged runs, best first
+    centered: np.ndarray  # (K, N, h, w, c): every run's mean-subtracted reconstruction
+    labels: np.ndarray  # (N,): the slots' labels
+
+
+def best_run_objective(victim_dir, run_dir, spec) -> BestRun | None:
+    """The objective of a finished run's method as its best run saw it, in the run's dtype.
+
+    Reads ``run_dir``'s run.json and reconstructions.npz and the victim in ``victim_dir``
+    (θ* cast to the run's dtype: KKT runs default to float32), and builds f(x) with the
+    method's own options for that run (``attack.Method.objective_options``; KKT: the best run's
+    α). ``spec`` is the run's ``ReconstructionSpec``. Returns None when every run diverged.
+    Used by the study's landscapes and by the swap test (``recon_jax.swap``).
+    """
+    from pathlib import Path
+
+    from recon_jax import checkpoint
+    from recon_jax.artifacts import read_json
+
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    ranking = [r for r in run["ranking"] if not run["diverged"][r]]
+    if not ranking:
+        return None
+    victim = checkpoint.load_victim(victim_dir, dtype=run.get("dtype", spec.dtype))
+    with np.load(run_dir / "reconstructions.npz", allow_pickle=False) as f:
+        centered, labels = f["centered"], np.asarray(f["labels"])
+    f = objective_function(victim, spec.method, labels=labels,
+                           **descriptor(spec.method).objective_options(spec, run, ranking[0]))
+    return BestRun(objective=f, victim=victim, run=run, ranking=ranking, centered=centered, labels=labels)
+
+
 # ---------------------------------------------------------------------------------------
 # Slices
 # ---------------------------------------------------------------------------------------

@@ -223,20 +223,15 @@ def _landscape(config: StudyConfig, cell: Cell, victim_dir: Path, run_dir: Path,
     from recon_jax import landscape
 
     spec = config.spec(cell)
-    run = read_json(run_dir / "run.json")
-    with np.load(run_dir / "reconstructions.npz", allow_pickle=False) as f:
-        centered, labels = f["centered"], f["labels"]
-    ranking = [r for r in run["ranking"] if not run["diverged"][r]]
-    if not ranking:
+    # The method's objective of the images alone, as the best run saw it (KKT: that run's α), in
+    # the run's dtype (KKT runs default to float32), with θ* cast to it.
+    best = landscape.best_run_objective(victim_dir, run_dir, spec)
+    if best is None:
         return {}
-    # The landscape is evaluated in the run's dtype (KKT runs default to float32), with θ* cast to it.
-    victim = checkpoint.load_victim(victim_dir, dtype=run.get("dtype", spec.dtype))
+    f, victim, run, ranking, centered, labels = best
     mean = truth["mean"]
     target = truth_for_slots(labels, truth["train_images"] - mean, truth["train_labels"])
     method = descriptor(spec.method)
-    # The method's objective of the images alone, as the best run saw it (KKT: that run's α).
-    f = landscape.objective_function(victim, spec.method, labels=labels,
-                                     **method.objective_options(spec, run, ranking[0]))
     dtype = np.dtype(run.get("dtype", centered.dtype))
     batch_size = None
     if method.landscape_point_bytes is not None:  # e.g. KKT's profiled objective: a (q, P) Jacobian per point

@@ -129,25 +129,19 @@ def cell_swap(study_dir: str | os.PathLike, cell: dict, *, batch_size: int = DEF
     "f_best", "evaluations", "seconds", "best_run"}, or {} when every run diverged.
     """
     from recon_jax import checkpoint, landscape, studyconfig
-    from recon_jax.attack import descriptor
 
     study = Path(study_dir)
     cell_dir = study / "cells" / cell["cell"]
-    run = read_json(cell_dir / "run" / "run.json")
-    ranking = [r for r in run["ranking"] if not run["diverged"][r]]
-    if not ranking:
-        return {}
     config = studyconfig.config_from_dict(read_json(study / "config.json"))
     spec = config.spec(studyconfig.Cell(cell["victim"], cell["method"], cell["init"], int(cell["seed"])))
     victim_dir = study / "victims" / cell["victim"]
-    victim = checkpoint.load_victim(victim_dir, dtype=run.get("dtype", spec.dtype))
+    found = landscape.best_run_objective(victim_dir, cell_dir / "run", spec)
+    if found is None:
+        return {}
+    f, ranking, slot_labels = found.objective, found.ranking, found.labels
+    best = found.centered[ranking[0]]
     truth = checkpoint.load_ground_truth(victim_dir)
-    with np.load(cell_dir / "run" / "reconstructions.npz", allow_pickle=False) as npz:
-        best = npz["centered"][ranking[0]]
-        slot_labels = np.asarray(npz["labels"])
     dtype = best.dtype
-    f = landscape.objective_function(victim, spec.method, labels=slot_labels,
-                                     **descriptor(spec.method).objective_options(spec, run, ranking[0]))
     limit = slice(None) if max_candidates is None else slice(0, int(max_candidates))
     train = (truth["train_images"] - truth["mean"])[limit].astype(dtype)
     heldout = (truth["heldout_images"] - truth["mean"])[limit].astype(dtype)
