@@ -192,6 +192,29 @@ def descent_direction(optimizer: str, momentum: float = 0.9, *, extra_args: bool
     return optax.with_extra_args_support(base) if extra_args else base
 
 
+def restart_plateau(opt_state, restart: jax.Array):
+    """Where ``restart`` (a scalar bool), make every reduce-on-plateau state in ``opt_state``
+    forget its history: best objective +∞, no steps without improvement, scale 1. The next
+    objective becomes the best, so the comparison starts afresh from there.
+
+    The bilevel attack calls it at the end of the learning-rate warm-up
+    (``recon_jax.bilevel``): during the warm-up the objective may rise (the rate ramps up; on
+    a non-convex victim the inner solution can change branch), and a best value from before the
+    rise would otherwise be unbeatable, so the rate would halve every ``patience`` steps to zero
+    (measured: a 784-256-10 gelu victim from noise froze at an outer loss of 1.07, where a
+    constant rate kept descending to 0.69 by step 200).
+    """
+    def reset(state):
+        if not isinstance(state, optax.contrib.ReduceLROnPlateauState):
+            return state
+        where = lambda new, old: jnp.where(restart, jnp.asarray(new, old.dtype), old)
+        return state._replace(best_value=where(jnp.inf, state.best_value),
+                              plateau_count=where(0, state.plateau_count), scale=where(1.0, state.scale))
+
+    return jax.tree_util.tree_map(reset, opt_state,
+                                  is_leaf=lambda s: isinstance(s, optax.contrib.ReduceLROnPlateauState))
+
+
 def freeze(ok: jax.Array, new, old):
     """The non-finite freeze: ``new`` where ``ok`` (a scalar bool), else ``old``, leaf by leaf
     (pytrees of equal structure). A run that met a non-finite value keeps its last finite

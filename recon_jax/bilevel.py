@@ -69,7 +69,7 @@ from flax import struct
 from jax import lax
 
 from recon_jax.attack import (Attack, Convergence, Method, box_penalty, descent_direction, freeze, register_attack,
-                              register_descriptor, scan_steps)
+                              register_descriptor, restart_plateau, scan_steps)
 from recon_jax.errors import ConfigError
 from recon_jax.objectives import all_finite, squared_norm
 from recon_jax.precision import FLOAT32_REACHABLE_TOL, default_tolerances, tree_dtype
@@ -174,7 +174,8 @@ def lr_schedule(config: BilevelConfig, step: jax.Array) -> jax.Array:
         constant   s(t) = 1
         plateau    s(t) = min(1, (t + 1)/W) here; the optimiser then multiplies its update by
                    ``plateau_factor`` each time the objective has not improved on its best for
-                   ``plateau_patience`` steps (optax.contrib.reduce_on_plateau, per initialisation)
+                   ``plateau_patience`` steps (optax.contrib.reduce_on_plateau, per initialisation),
+                   the best counted from step W on (``attack.restart_plateau``)
         cosine     s(t) = (t + 1)/W for t < W;  then  f + (1 − f) · ½ (1 + cos(π (t − W)/(T − W)))
 
     with W = ``warmup_steps``, T = ``steps`` and f = ``final_lr_fraction``.
@@ -444,7 +445,11 @@ def refresh(config: BilevelConfig, problem: Problem, state: OuterState):
 def _update(config: BilevelConfig, hyper: Hyper, state: OuterState, total, grad_images, params, adjoint):
     """The optimiser update x ← x − η s(t) u(∇_x) with the non-finite freeze."""
     tx = _optimizer(config)
-    updates, opt_state = tx.update(grad_images, state.opt_state, state.images, value=total)
+    opt_state = state.opt_state
+    if config.schedule == "plateau" and config.warmup_steps:
+        # Compare against the best objective since the warm-up ended (``restart_plateau``).
+        opt_state = restart_plateau(opt_state, state.step == config.warmup_steps)
+    updates, opt_state = tx.update(grad_images, opt_state, state.images, value=total)
     rate = hyper.learning_rate * lr_schedule(config, state.step).astype(state.images.dtype)
     images = state.images - rate * updates
     if config.box == "project":

@@ -345,3 +345,49 @@ def test_a_second_run_on_the_same_victim_reuses_the_compiled_program_and_gives_t
     rec.reconstruct(tmp_path / "victim", tmp_path / "c", dataclasses.replace(
         second, bilevel=bilevel.BilevelConfig(steps=4, engine="amortized")))
     assert len(rec._FUNCTIONS) == 2
+
+
+def test_plateau_schedule_compares_against_the_best_since_the_warm_up():
+    """A rise during the warm-up (a branch change of θ(x), or the ramping rate) must not leave a
+    best value the run can never beat: reduce-on-plateau restarts at step W, so a run that then
+    improves keeps its full rate, where without the restart the rate halves every `patience`
+    steps towards 0."""
+    import optax
+    from recon_jax.attack import descent_direction, restart_plateau
+
+    tx = descent_direction("adam", extra_args=True, plateau=(0.5, 3))
+    warm, steps = 4, 40
+    values = [1e-3] + [2.0 - 0.01 * t for t in range(1, steps)]  # spike at step 1, then steady descent
+    scales = {}
+    for restart in (False, True):
+        params = jnp.zeros(3)
+        state = tx.init(params)
+        for t, value in enumerate(values):
+            if restart:
+                state = restart_plateau(state, jnp.asarray(t == warm))
+            _, state = tx.update(jnp.ones(3), state, params, value=jnp.asarray(value))
+        plateau = [s for s in jax.tree_util.tree_leaves(
+            state, is_leaf=lambda s: isinstance(s, optax.contrib.ReduceLROnPlateauState))
+            if isinstance(s, optax.contrib.ReduceLROnPlateauState)][0]
+        scales[restart] = float(plateau.scale)
+    assert scales[False] < 1e-3  # the spike's best value froze the run
+    assert scales[True] == 1.0  # 0.5% per step beats the 0.1% threshold: never cut
+
+
+def test_plateau_restart_is_wired_into_the_bilevel_update(small_run):
+    """The bilevel step calls ``restart_plateau`` exactly at step W: the plateau state's best
+    value there is the objective of step W, not of an earlier step."""
+    import optax
+    problem, _, x0, hyper = small_run
+    config = bilevel.BilevelConfig(steps=6, warmup_steps=3, schedule="plateau", engine="amortized")
+    state = bilevel.init_state(config, problem, x0[0])
+    objectives = []
+    for t in range(5):
+        state, record = jax.jit(lambda s: bilevel.outer_step(config, problem, jax.tree_util.tree_map(
+            lambda a: a[0], hyper), s))(state)
+        objectives.append(float(record["objective"]))
+        plateau = state.opt_state[1]
+        assert isinstance(plateau, optax.contrib.ReduceLROnPlateauState)
+        if t == 3:
+            assert float(plateau.best_value) == pytest.approx(objectives[3], rel=1e-12)
+            assert int(plateau.plateau_count) == 0
