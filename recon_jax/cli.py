@@ -193,7 +193,7 @@ def _add_attack_args(p, *, sweep: bool) -> None:
                    help="amortized: exact inner and adjoint solve every N steps (and at step 0; 0: step 0 only)")
     b.add_argument("--schedule", choices=SCHEDULES, default="plateau",
                    help="learning-rate schedule: plateau (default: warm-up, then halve after 20 steps without "
-                        "improvement), cosine (warm-up, cosine decay to 1%%) or constant")
+                        "improvement on the best objective since the warm-up), cosine (warm-up, cosine decay to 1%%) or constant")
     b.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up steps (default 20)")
     k = p.add_argument_group("kkt")
     k.add_argument("--task", choices=kkt.TASKS, default=None,
