@@ -22,6 +22,7 @@ host-side numpy/scipy (set distances by NCC, ``recon_jax.metrics``; Hungarian ma
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
@@ -30,7 +31,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import linear_sum_assignment
 
-from recon_jax import bilevel, kkt
+from recon_jax import bilevel, checkpoint, kkt
+from recon_jax.artifacts import read_json
 from recon_jax.attack import descriptor
 from recon_jax.errors import ConfigError, DataError
 from recon_jax.metrics.neighbours import mean_squared_distances, ncc_features
@@ -214,11 +216,6 @@ def best_run_objective(victim_dir, run_dir, spec) -> BestRun | None:
     α). ``spec`` is the run's ``ReconstructionSpec``. Returns None when every run diverged.
     Used by the study's landscapes and by the swap test (``recon_jax.swap``).
     """
-    from pathlib import Path
-
-    from recon_jax import checkpoint
-    from recon_jax.artifacts import read_json
-
     run_dir = Path(run_dir)
     run = read_json(run_dir / "run.json")
     ranking = [r for r in run["ranking"] if not run["diverged"][r]]

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from recon_jax.artifacts import read_json
+from recon_jax import checkpoint, landscape, studyconfig
+from recon_jax.artifacts import atomic_save_npz, read_json
 from recon_jax.errors import ConfigError
-from recon_jax.landscape import evaluate_points
 from recon_jax.metrics.membership import membership_auc
 
 DEFAULT_BATCH = 32
@@ -97,7 +97,8 @@ def swap_deltas(f: Callable[[jax.Array], jax.Array], reconstruction: ArrayLike, 
     cand, slot = swap_pairs(slot_labels, candidate_labels)
     f_x = float(jax.jit(f)(x))
     swapped = lambda pair: f(x.at[pair[1]].set(candidates[pair[0]]))
-    values = np.asarray(evaluate_points(swapped, jnp.asarray(np.stack([cand, slot], axis=1)), batch_size), np.float64)
+    pairs = jnp.asarray(np.stack([cand, slot], axis=1))
+    values = np.asarray(landscape.evaluate_points(swapped, pairs, batch_size), np.float64)
     # The pairs come candidate by candidate (swap_pairs): each candidate's minimum over its block.
     starts = np.flatnonzero(np.r_[True, cand[1:] != cand[:-1]])
     safe = np.where(np.isnan(values), np.inf, values)
@@ -128,8 +129,6 @@ def cell_swap(study_dir: str | os.PathLike, cell: dict, *, batch_size: int = DEF
     run's α), in the run's dtype. Returns {"auc_swap", "delta_train", "delta_heldout",
     "f_best", "evaluations", "seconds", "best_run"}, or {} when every run diverged.
     """
-    from recon_jax import checkpoint, landscape, studyconfig
-
     study = Path(study_dir)
     cell_dir = study / "cells" / cell["cell"]
     config = studyconfig.config_from_dict(read_json(study / "config.json"))
@@ -180,8 +179,6 @@ def cached_cell_swap(study_dir: str | os.PathLike, cell: dict, **options) -> dic
     """``cell_swap`` with its result kept in ``cells/<cell>/swap.npz`` (written atomically), so
     a rerun (or an interrupted map) reuses every cell already done. The cache is keyed by
     the run's best index and the options; a changed run recomputes."""
-    from recon_jax.artifacts import atomic_save_npz
-
     cell_dir = Path(study_dir) / "cells" / cell["cell"]
     path = cell_dir / "swap.npz"
     key = repr(sorted(options.items()))
