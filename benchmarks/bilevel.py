@@ -425,6 +425,12 @@ def benchmark_amortized(victim: dict, sizes: dict, grad_seconds: float, repeats:
     n_scan = sizes["scan_steps"]
     scan = jax.jit(lambda prob, h, s: bilevel.run_steps(config, prob, h, s, n_scan, 1))
     scan_seconds = median_seconds(scan, problem, hyper, state, repeats=max(3, repeats // 4)) / n_scan
+    # Side by side from the same state: the step with the other product precision (float64
+    # products against float32 ones, ``BilevelConfig.product_precision``).
+    other = dataclasses.replace(config, product_precision="full" if config.product_precision == "float32" else "float32")
+    other_seconds = median_seconds(jax.jit(partial(bilevel.outer_step, other)), problem, hyper, state, repeats=repeats)
+    other_scan = jax.jit(lambda prob, h, s: bilevel.run_steps(other, prob, h, s, n_scan, 1))
+    other_scan_seconds = median_seconds(other_scan, problem, hyper, state, repeats=max(3, repeats // 4)) / n_scan
     counted = config.cost_per_step()
     result = {"step_ms": step_seconds * 1e3, "step_grads": step_seconds / grad_seconds,
               "in_scan_step_grads": scan_seconds / grad_seconds,
@@ -432,13 +438,21 @@ def benchmark_amortized(victim: dict, sizes: dict, grad_seconds: float, repeats:
               "refresh_grads": refresh_seconds / grad_seconds, "gradient_equivalents": per_step / grad_seconds,
               "counted_per_step": counted, "budgets": {"newton_steps": config.newton_steps,
                                                        "newton_cg": config.newton_cg, "adjoint_cg": config.adjoint_cg,
-                                                       "refresh_every": config.refresh_every}}
+                                                       "refresh_every": config.refresh_every,
+                                                       "product_precision": config.product_precision},
+              "other_precision": {"product_precision": other.product_precision,
+                                  "step_grads": other_seconds / grad_seconds,
+                                  "in_scan_step_grads": other_scan_seconds / grad_seconds,
+                                  "default_over_other_in_scan": scan_seconds / other_scan_seconds}}
     print(f"  amortized engine (default budgets: {config.newton_steps} Newton step x {config.newton_cg} CG + "
           f"{config.adjoint_cg} adjoint CG; refresh every {config.refresh_every}): step {step_seconds * 1e3:.2f} ms "
           f"= {result['step_grads']:.1f} G, refresh {result['refresh_grads']:.1f} G, amortized per step "
           f"{result['gradient_equivalents']:.1f} G  (counted: {counted['gradients']} gradients + {counted['hvps']} "
           f"products); inside a {n_scan}-step scan {result['in_scan_step_grads']:.1f} G a step, "
-          f"{result['in_scan_gradient_equivalents']:.1f} G with the refresh", flush=True)
+          f"{result['in_scan_gradient_equivalents']:.1f} G with the refresh\n"
+          f"  the same step with product_precision={other.product_precision!r}: {result['other_precision']['step_grads']:.1f} G, "
+          f"in the scan {result['other_precision']['in_scan_step_grads']:.1f} G "
+          f"(default / other, in the scan: {result['other_precision']['default_over_other_in_scan']:.2f})", flush=True)
 
     exact_config = bilevel.BilevelConfig(engine="implicit", inner=EXACT)
     exact = jax.jit(lambda images: bilevel.hypergradient(exact_config, problem, images)[1])
@@ -712,6 +726,9 @@ def summary_rows(results: dict) -> list[tuple[str, float, str, str]]:
         rows.append((f"a  step/grad  {victim['victim']} amortized (default)", value, f"<= {target:g}", verdict))
         rows.append((f"a  step/grad  {victim['victim']} amortized, inside a scan (as runs execute it)",
                      victim["amortized"]["in_scan_gradient_equivalents"], f"<= {target:g}", "info"))
+        other = victim["amortized"]["other_precision"]
+        rows.append((f"a  step/grad  {victim['victim']} amortized, product_precision={other['product_precision']}",
+                     other["step_grads"], "(none)", "info"))
         for step, error in victim["amortized"]["hypergradient_relative_error"].items():
             rows.append((f"a  hypergradient rel. error at step {step} {victim['victim']}", error, "(none)", "info"))
         for key, row in victim["steps"].items():

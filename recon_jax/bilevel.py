@@ -36,6 +36,11 @@ for a convex inner problem, an affine victim, and the implicit one otherwise, se
   has a fixed length with masks (no data-dependent ``while_loop``: under ``vmap`` and
   shardings each initialisation's arithmetic is its own),
   and the step's gradient norm ‖∇_θL(θ; x)‖ and CG residual come out of the same products.
+  By default (``product_precision="float32"``) a float64 run computes those products and the
+  cross-term VJP in float32, and everything they are compared against (∇_θL, ∂l/∂θ, the CG
+  recurrences, the line search) in float64: the Newton iteration still converges to the
+  float64 θ(x), and the hypergradient's error floor, ~1e-6 relative, sits far below the
+  amortisation's own ~1e-2.
   Every ``refresh_every`` steps, and always at step 0 (from θ* and v = 0 a random x₀ is far
   from θ(x₀): an amortized start there fails), θ is re-solved by L-BFGS to the inner
   tolerance and v by CG to the CG tolerance (``refresh``): a periodic exact check whose
@@ -72,7 +77,7 @@ from recon_jax.attack import (Attack, Convergence, Method, box_penalty, descent_
                               register_descriptor, restart_plateau, scan_steps)
 from recon_jax.errors import ConfigError
 from recon_jax.objectives import all_finite, squared_norm
-from recon_jax.precision import FLOAT32_REACHABLE_TOL, default_tolerances, tree_dtype
+from recon_jax.precision import FLOAT32_REACHABLE_TOL, cast_tree, default_tolerances, tree_dtype
 from recon_jax.search import resolve_ranges
 from recon_jax.newton import (LINE_SEARCH_STEPS, conjugate_gradient, conjugate_gradient_to_tolerance, gradient_and_hvp,
                               guarded_newton_step)
@@ -84,6 +89,7 @@ BOX_MODES = ("none", "penalty", "project")
 WARM_STARTS = ("previous", "victim")
 ENGINES = ("auto", "amortized", "implicit")
 ADJOINT_HESSIANS = ("shared", "updated")
+PRODUCT_PRECISIONS = ("full", "float32")
 SCHEDULES = ("plateau", "cosine", "constant")
 
 
@@ -94,8 +100,10 @@ class BilevelConfig:
     Engine budgets (``engine="amortized"``, see the module docstring): ``newton_steps`` Newton
     steps of ``newton_cg`` CG iterations and ``adjoint_cg`` adjoint CG iterations per outer step,
     an exact refresh every ``refresh_every`` steps (0: at step 0 only). CG stops early (masked)
-    at ``inner.cg_tol``; the ridge ρ is ``inner.cg_ridge``. The learning rate is scaled by the
-    schedule s(t) (``schedule``, ``warmup_steps``, ``final_lr_fraction``).
+    at ``inner.cg_tol``; the ridge ρ is ``inner.cg_ridge``. ``product_precision="float32"`` runs
+    the Hessian products and the cross-term VJP of a float64 run in float32 (``_product_dtype``).
+    The learning rate is scaled by the schedule s(t) (``schedule``, ``warmup_steps``,
+    ``final_lr_fraction``).
     """
 
     steps: int = 1000
@@ -111,9 +119,10 @@ class BilevelConfig:
     engine: str = "auto"
     newton_steps: int = 1
     newton_cg: int = 6
-    adjoint_cg: int = 6
+    adjoint_cg: int = 7
     refresh_every: int = 100
     adjoint_hessian: str = "updated"
+    product_precision: str = "float32"
     schedule: str = "plateau"
     warmup_steps: int = 20
     final_lr_fraction: float = 0.01  # cosine only
@@ -125,7 +134,8 @@ class BilevelConfig:
                                      ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("box", self.box, BOX_MODES), ("warm_start", self.warm_start, WARM_STARTS),
                                      ("engine", self.engine, ENGINES), ("schedule", self.schedule, SCHEDULES),
-                                     ("adjoint_hessian", self.adjoint_hessian, ADJOINT_HESSIANS)):
+                                     ("adjoint_hessian", self.adjoint_hessian, ADJOINT_HESSIANS),
+                                     ("product_precision", self.product_precision, PRODUCT_PRECISIONS)):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if self.steps < 0:
@@ -146,7 +156,7 @@ class BilevelConfig:
         if not 0 < self.final_lr_fraction <= 1:
             raise ConfigError(f"final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
 
-    def cost_per_step(self) -> dict:
+    def cost_per_step(self, dtype=None) -> dict:
         """Gradient evaluations and Hessian-vector-type products (JVPs/VJPs through ∇_θL) one
         amortized step spends, refreshes excluded (the history counts those per step).
 
@@ -159,13 +169,24 @@ class BilevelConfig:
         "values" counts the loss evaluations (forward passes only) of the Newton steps' parallel
         Armijo line search (``recon_jax.newton.guarded_newton_step``): its 4 trial steps (L(θ)
         itself comes out of the step's linearisation).
+        With ``product_precision="float32"`` and θ in ``dtype`` wider than float32 (float64 when
+        ``dtype`` is None, the bilevel default), each Newton step adds one gradient (its
+        full-precision ∇_θL beside the float32 linearisation), and "float32" counts the
+        gradients and products that ran in float32 (0 otherwise).
         """
-        trials = len(LINE_SEARCH_STEPS) * self.newton_steps  # the line search's trial values
+        n = self.newton_steps
+        reduced = self.product_precision == "float32" and (dtype is None or np.finfo(dtype).bits > 32)
         if self.adjoint_hessian == "shared":
-            return {"gradients": self.newton_steps, "values": len(LINE_SEARCH_STEPS) * (self.newton_steps - 1),
-                    "hvps": 2 * self.newton_cg + 2 + (self.newton_steps - 1) * self.newton_cg}
-        return {"gradients": self.newton_steps + 1, "values": trials,
-                "hvps": self.newton_steps * self.newton_cg + self.adjoint_cg + 2}
+            cost = {"gradients": n, "values": len(LINE_SEARCH_STEPS) * (n - 1),
+                    "hvps": 2 * self.newton_cg + 2 + (n - 1) * self.newton_cg}
+            linearisations = n
+        else:
+            cost = {"gradients": n + 1, "values": len(LINE_SEARCH_STEPS) * n,
+                    "hvps": n * self.newton_cg + self.adjoint_cg + 2}
+            linearisations = n + 1
+        cost["float32"] = linearisations + cost["hvps"] if reduced else 0
+        cost["gradients"] += n if reduced else 0
+        return cost
 
 
 def lr_schedule(config: BilevelConfig, step: jax.Array) -> jax.Array:
@@ -334,10 +355,37 @@ def _as_cost(value, like) -> jax.Array:
     return jnp.asarray(value, like.dtype)
 
 
-def _cross_vjp(problem: Problem, params, images: jax.Array, adjoint) -> jax.Array:
+def _product_dtype(config: BilevelConfig, params):
+    """The dtype of the amortized engine's Hessian products and cross-term VJP: None (θ's own)
+    unless ``product_precision="float32"`` and θ is wider.
+
+    Mixed precision as in iterative refinement: every right-hand side (∇_θL, ∂l/∂θ), the CG
+    recurrences, L's line-search values and the outer update stay in θ's dtype, so the fixed
+    point of the Newton and adjoint iterations is the full-precision one; only the operator
+    applications (H u, (∂_x∇_θL)ᵀv) lose precision, to a relative ~κ·2⁻²⁴, below the ~10⁻²
+    of a fixed-budget CG. On this 2-core CPU a float32 product costs 0.55× (affine 784-10) to
+    0.34× (784-256-10 gelu) a float64 one (``benchmarks/bilevel.py``)."""
+    if config.product_precision == "full":
+        return None
+    dtype = tree_dtype(params)
+    return jnp.float32 if dtype is not None and jnp.finfo(dtype).bits > 32 else None
+
+
+def _gradient_pullback(objective: Callable, params, images: jax.Array, labels, product_dtype):
+    """One ``jax.vjp`` of F(θ, x) = ∇_θL(θ; x), in ``product_dtype`` if given: returns
+    (F(θ, x), u ↦ (∂_θF)ᵀu = H u (H symmetric), v ↦ (∂_xF)ᵀv), all in the inputs' dtypes."""
+    high = tree_dtype(params)
+    low = product_dtype or high
+    grad, pullback = jax.vjp(lambda p, x: jax.grad(objective)(p, x, labels), cast_tree(params, low),
+                             images.astype(low))
+    hvp = lambda u: cast_tree(pullback(cast_tree(u, low))[0], high)
+    cross = lambda v: pullback(cast_tree(v, low))[1].astype(images.dtype)
+    return cast_tree(grad, high), hvp, cross
+
+
+def _cross_vjp(problem: Problem, params, images: jax.Array, adjoint, product_dtype=None) -> jax.Array:
     """(∂_x∇_θL(θ; x))ᵀ v: one VJP through the gradient. Shape of x (N, h, w, c)."""
-    grad_theta = lambda x: jax.grad(problem.objective)(params, x, problem.labels)
-    return jax.vjp(grad_theta, images)[1](adjoint)[0]
+    return _gradient_pullback(problem.objective, params, images, problem.labels, product_dtype)[2](adjoint)
 
 
 def _amortized_hypergradient(config: BilevelConfig, problem: Problem, hyper: Hyper, state: OuterState):
@@ -365,8 +413,9 @@ def _amortized_hypergradient(config: BilevelConfig, problem: Problem, hyper: Hyp
     outer_of = lambda p: parameter_loss(config.outer_loss, p, problem.victim_params)
     params = state.inner_params
     step_size = jnp.ones((), tree_dtype(params))
+    low = _product_dtype(config, params)
     if config.adjoint_hessian == "shared":
-        grad, hvp = gradient_and_hvp(objective, params, images, labels)
+        grad, hvp = gradient_and_hvp(objective, params, images, labels, product_dtype=low)
         outer, cotangent = jax.value_and_grad(outer_of)(params)
         stack = lambda a, b: jax.tree_util.tree_map(lambda u, w: jnp.stack([u, w]), a, b)
         solve = lambda b, x0: conjugate_gradient(hvp, b, x0, iterations=config.newton_cg, ridge=ridge, tol=tol)
@@ -374,7 +423,7 @@ def _amortized_hypergradient(config: BilevelConfig, problem: Problem, hyper: Hyp
                                            stack(jax.tree_util.tree_map(jnp.zeros_like, grad), state.adjoint))
         newton_dir = jax.tree_util.tree_map(lambda a: a[0], solutions)
         adjoint = jax.tree_util.tree_map(lambda a: a[1], solutions)
-        grad_images_outer = -_cross_vjp(problem, params, images, adjoint)
+        grad_images_outer = -_cross_vjp(problem, params, images, adjoint, low)
         newton_iterations, adjoint_iterations, residual = infos.iterations[0], infos.iterations[1], infos.residual[1]
         params = jax.tree_util.tree_map(jnp.add, params, newton_dir)
         extra_newton = config.newton_steps - 1
@@ -383,25 +432,26 @@ def _amortized_hypergradient(config: BilevelConfig, problem: Problem, hyper: Hyp
         extra_newton = 0
         for _ in range(config.newton_steps):
             params, _, info, step_size = guarded_newton_step(objective, params, images, labels,
-                                                             iterations=config.newton_cg, ridge=ridge, tol=tol)
+                                                             iterations=config.newton_cg, ridge=ridge, tol=tol,
+                                                             product_dtype=low)
             newton_iterations = newton_iterations + info.iterations
         # One VJP linearisation of F(θ, x) = ∇_θL(θ; x) at (θ⁺, x) serves both the adjoint's
         # products H u = (∂_θF)ᵀu (H is symmetric) and the cross term (∂_xF)ᵀv: one primal pass,
         # where a linearisation for H and a separate VJP for the cross term took two.
-        grad, pullback = jax.vjp(lambda p, x: jax.grad(objective)(p, x, labels), params, images)
-        hvp = lambda u: pullback(u)[0]
+        grad, hvp, cross = _gradient_pullback(objective, params, images, labels, low)
         outer, cotangent = jax.value_and_grad(outer_of)(params)
         adjoint, adjoint_info = conjugate_gradient(hvp, cotangent, state.adjoint, iterations=config.adjoint_cg,
                                                    ridge=ridge, tol=tol)
-        grad_images_outer = -pullback(adjoint)[1]
+        grad_images_outer = -cross(adjoint)
         adjoint_iterations, residual = adjoint_info.iterations, adjoint_info.residual
     for _ in range(extra_newton):
         params, _, info, step_size = guarded_newton_step(objective, params, images, labels,
-                                                         iterations=config.newton_cg, ridge=ridge, tol=tol)
+                                                         iterations=config.newton_cg, ridge=ridge, tol=tol,
+                                                         product_dtype=low)
         newton_iterations = newton_iterations + info.iterations
     prior, prior_grad = jax.value_and_grad(lambda x: image_prior(config, hyper, x))(images)
     total = outer + prior
-    cost = config.cost_per_step()
+    cost = config.cost_per_step(tree_dtype(params))
     record = {"outer_loss": outer, "objective": total, "inner_grad_norm": jnp.sqrt(squared_norm(grad)),
               "inner_iterations": newton_iterations, "newton_step_size": step_size,
               "adjoint_iterations": adjoint_iterations, "cg_residual": residual,
@@ -607,7 +657,8 @@ def _finite_mean(values) -> float | None:
 
 def _summary_extras(spec, victim, final: dict, history: dict) -> dict:
     """run.json's bilevel fields: the ``inner_tol`` and ``cg_tol`` used, ``inner_converged`` (K),
-    the ``engine`` that ran, and ``cost_per_step`` = {gradients, hvps[, values]}. Returns them."""
+    the ``engine`` that ran, and ``cost_per_step`` = {gradients, hvps[, values, float32]} (and
+    the amortized engine's ``product_precision``). Returns them."""
     from recon_jax.problems import problem_from_victim  # problems imports this module
 
     inner = spec.bilevel.inner
@@ -619,7 +670,10 @@ def _summary_extras(spec, victim, final: dict, history: dict) -> dict:
     extras["cost_per_step"] = {"gradients": _finite_mean(history.get("cost_gradients")),
                                "hvps": _finite_mean(history.get("cost_hvps"))}
     if extras["engine"] == "amortized":  # forward-only loss evaluations of the Newton line search
-        extras["cost_per_step"]["values"] = spec.bilevel.cost_per_step()["values"]
+        counted = spec.bilevel.cost_per_step(np.asarray(final["outer_loss"]).dtype)
+        extras["cost_per_step"]["values"] = counted["values"]
+        extras["cost_per_step"]["float32"] = counted["float32"]  # of the gradients and products above
+        extras["product_precision"] = spec.bilevel.product_precision
     return extras
 
 

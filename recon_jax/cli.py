@@ -189,6 +189,9 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     b.add_argument("--adjoint-hessian", choices=bilevel.ADJOINT_HESSIANS, default="updated",
                    help="amortized: adjoint at the Newton-updated theta (default), or solved with the Newton step "
                         "as one block CG on one shared linearisation (cheaper, less exact; uses --newton-cg)")
+    b.add_argument("--product-precision", choices=bilevel.PRODUCT_PRECISIONS, default=defaults.product_precision,
+                   help=f"amortized: precision of the Hessian products and the cross-term VJP of a float64 run "
+                        f"(gradients, CG recurrences and the update stay float64; default {defaults.product_precision})")
     b.add_argument("--refresh-every", type=int, default=100,
                    help="amortized: exact inner and adjoint solve every N steps (and at step 0; 0: step 0 only)")
     b.add_argument("--schedule", choices=SCHEDULES, default="plateau",
@@ -270,6 +273,7 @@ def _run_attack(args) -> int:
                                            warm_start=args.warm_start, inner=inner, engine=args.engine,
                                            newton_steps=args.newton_steps, newton_cg=args.newton_cg,
                                            adjoint_cg=args.adjoint_cg, adjoint_hessian=args.adjoint_hessian,
+                                           product_precision=args.product_precision,
                                            refresh_every=args.refresh_every,
                                            schedule=args.schedule, warmup_steps=args.warmup_steps)
     kkt_config = None

@@ -31,6 +31,7 @@ from flax import struct
 from jax import lax
 
 from recon_jax.objectives import squared_norm
+from recon_jax.precision import cast_tree, tree_dtype
 
 tree_map = jax.tree_util.tree_map
 
@@ -100,13 +101,41 @@ def conjugate_gradient(matvec: Callable, b, x0, *, iterations: int, ridge: float
     return u, CGInfo(iterations=count, residual=residual)
 
 
-def gradient_and_hvp(objective: Callable, params, *args):
+def _reduced(product_dtype, params) -> bool:
+    """Whether products are to run in ``product_dtype``, below θ's own precision."""
+    if product_dtype is None:
+        return False
+    own = tree_dtype(params)
+    return own is not None and jnp.finfo(product_dtype).bits < jnp.finfo(own).bits
+
+
+def reduced_hvp(objective: Callable, params, *args, product_dtype) -> Callable:
+    """v ↦ ∇²_θL(θ; args) v computed in ``product_dtype`` (float32 in a float64 run), returned
+    in θ's dtype: one ``jax.linearize`` of the gradient at (θ, args) cast down.
+
+    For inexact Newton and adjoint solves whose residual is formed in full precision
+    (mixed-precision iterative refinement: the correction may come from a lower-precision
+    operator, the fixed point is set by the full-precision right-hand side). A product's
+    relative error is about κ·2⁻²⁴ instead of κ·2⁻⁵³; a fixed-budget CG is inexact by
+    ~10⁻² anyway. Integer leaves of ``args`` (labels) are left as they are.
+    """
+    high = tree_dtype(params)
+    low_args = cast_tree(args, product_dtype)
+    _, linear = jax.linearize(lambda p: jax.grad(objective)(p, *low_args), cast_tree(params, product_dtype))
+    return lambda v: cast_tree(linear(cast_tree(v, product_dtype)), high)
+
+
+def gradient_and_hvp(objective: Callable, params, *args, product_dtype=None):
     """(∇_θL(θ; args), v ↦ ∇²_θL(θ; args) v) from one ``jax.linearize`` of the gradient.
 
     The returned matvec reuses the linearisation: each call costs one forward-mode product
-    through the gradient's computation (about one gradient's work), not a new trace.
+    through the gradient's computation (about one gradient's work), not a new trace. With
+    ``product_dtype`` below θ's precision the gradient stays in θ's dtype and the products
+    come from ``reduced_hvp`` (one more, cheaper, linearisation).
     """
     grad_fn = lambda p: jax.grad(objective)(p, *args)
+    if _reduced(product_dtype, params):
+        return grad_fn(params), reduced_hvp(objective, params, *args, product_dtype=product_dtype)
     return jax.linearize(grad_fn, params)
 
 
@@ -275,12 +304,18 @@ def forcing_term(grad_norm, target, *, eta_max: float = 0.5):
     return jnp.maximum(eta, floor)
 
 
-def value_gradient_and_hvp(objective: Callable, params, *args):
+def value_gradient_and_hvp(objective: Callable, params, *args, product_dtype=None):
     """(L(θ; args), ∇_θL(θ; args), v ↦ ∇²_θL(θ; args) v) from one ``jax.linearize``.
 
     As ``gradient_and_hvp``, with L(θ) carried out of the same linearisation as an auxiliary
-    output (a scalar), so a caller that needs the loss pays no extra forward pass.
+    output (a scalar), so a caller that needs the loss pays no extra forward pass. With
+    ``product_dtype`` below θ's precision, L and ∇L come from one full-precision
+    ``value_and_grad`` and the products from ``reduced_hvp``.
     """
+    if _reduced(product_dtype, params):
+        value, grad = jax.value_and_grad(objective)(params, *args)
+        return value, grad, reduced_hvp(objective, params, *args, product_dtype=product_dtype)
+
     def grad_with_value(p):
         value, grad = jax.value_and_grad(objective)(p, *args)
         return grad, value
@@ -378,7 +413,7 @@ LINE_SEARCH_STEPS = (1.0, 0.5, 0.25, 0.125)
 
 
 def guarded_newton_step(objective: Callable, params, *args, iterations: int, ridge: float = 0.0, tol: float = 0.0,
-                        steps: tuple[float, ...] = LINE_SEARCH_STEPS, armijo: float = 1e-4):
+                        steps: tuple[float, ...] = LINE_SEARCH_STEPS, armijo: float = 1e-4, product_dtype=None):
     """A Newton–CG step with a fixed, parallel Armijo line search (for a non-convex L):
 
         d from (H + ρI) d ≈ −g by ``iterations`` CG iterations (truncated at negative curvature),
@@ -387,10 +422,11 @@ def guarded_newton_step(objective: Callable, params, *args, iterations: int, rid
 
     The trial values L(θ + α d) are evaluated together (one vmapped forward pass over the
     len(steps) candidates), so there is no data-dependent loop: under ``vmap`` each element
-    picks its own α. L(θ) comes out of the same linearisation as g and H. Returns
-    (θ⁺, ‖g‖, CGInfo, α).
+    picks its own α. L(θ) comes out of the same linearisation as g and H. ``product_dtype``:
+    the Hessian products' precision (``value_gradient_and_hvp``); g, L and the trial values
+    stay in θ's. Returns (θ⁺, ‖g‖, CGInfo, α).
     """
-    value, grad, hvp = value_gradient_and_hvp(objective, params, *args)
+    value, grad, hvp = value_gradient_and_hvp(objective, params, *args, product_dtype=product_dtype)
     direction, info = conjugate_gradient(hvp, tree_map(jnp.negative, grad), None, iterations=iterations,
                                          ridge=ridge, tol=tol)
     slope = tree_vdot(grad, direction)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recon_jax import bilevel, data
+from jax.flatten_util import ravel_pytree
+
+from recon_jax import bilevel, data, newton
 from recon_jax.batching import run_batched
 from recon_jax.errors import ConfigError
 from recon_jax.models import MLP, init_params
@@ -235,7 +237,9 @@ def test_chunk_size_follows_free_memory_and_refuses_what_cannot_fit(monkeypatch)
 def test_amortized_hypergradient_converges_to_the_exact_one_as_the_budget_grows():
     """Arbel & Mairal's amortized hypergradient: inexact at a small budget, exact in the limit.
     From θ*, v = 0 at images away from the truth, k Newton steps of c CG iterations and c adjoint
-    CG iterations approach the implicit-differentiation hypergradient (tight tolerances)."""
+    CG iterations approach the implicit-differentiation hypergradient (tight tolerances). The
+    products run in float64 here (product_precision="full"); the default float32 products set a
+    floor near 1e-6 (next test)."""
     problem, truth = _victim((16,), "gelu", "ce")
     x = truth + 0.2 * jax.random.normal(jax.random.key(21), truth.shape, truth.dtype)
     exact_loss, exact = jax.jit(lambda x: bilevel.hypergradient(bilevel.BilevelConfig(inner=TIGHT), problem, x))(x)
@@ -243,13 +247,56 @@ def test_amortized_hypergradient_converges_to_the_exact_one_as_the_budget_grows(
     errors = []
     for newton_steps, budget in ((1, 2), (2, 8), (6, 400)):
         config = bilevel.BilevelConfig(newton_steps=newton_steps, newton_cg=budget, adjoint_cg=budget, engine="amortized",
-                                       inner=InnerConfig(cg_ridge=0.0, cg_tol=1e-15))
+                                       product_precision="full", inner=InnerConfig(cg_ridge=0.0, cg_tol=1e-15))
         state = bilevel.init_state(config, problem, x)
         loss, grad = jax.jit(lambda s: bilevel.amortized_hypergradient(config, problem, hyper, s))(state)
         errors.append(float(jnp.linalg.norm(grad - exact) / jnp.linalg.norm(exact)))
     assert errors[0] > 1e-3 and errors[0] > errors[1] > errors[2]
     assert errors[-1] <= 1e-8
     np.testing.assert_allclose(loss, exact_loss, rtol=1e-8)
+
+
+def test_float32_products_of_a_float64_run_are_rounded_products_and_the_rest_stays_float64():
+    """Mixed precision (product_precision="float32"): ∇_θL, L and the returned products are
+    float64; the products equal the float64 ones to float32 round-off, not better."""
+    problem, truth = _victim((16,), "gelu", "ce")
+    params, labels, objective = problem.victim_params, problem.labels, problem.objective
+    x = truth + 0.1 * jax.random.normal(jax.random.key(3), truth.shape, truth.dtype)
+    direction = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), params)
+    value, grad, hvp = newton.value_gradient_and_hvp(objective, params, x, labels)
+    value32, grad32, hvp32 = newton.value_gradient_and_hvp(objective, params, x, labels, product_dtype=jnp.float32)
+    assert float(value32) == float(value)
+    for a, b in zip(jax.tree_util.tree_leaves(grad32), jax.tree_util.tree_leaves(grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-16)
+    full, reduced = ravel_pytree(hvp(direction))[0], ravel_pytree(hvp32(direction))[0]
+    assert reduced.dtype == jnp.float64
+    error = float(jnp.linalg.norm(reduced - full) / jnp.linalg.norm(full))
+    assert 1e-10 < error < 1e-5
+    # A float32 run is left alone: no second precision below it.
+    params32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    assert not newton._reduced(jnp.float32, params32)
+
+
+def test_amortized_hypergradient_with_float32_products_is_float32_accurate_at_a_large_budget():
+    """With float32 products the Newton iteration still converges to the float64 θ(x) (its
+    right-hand side ∇_θL is float64: iterative refinement), so the objective is exact; the
+    adjoint and the cross term carry float32 round-off, so the hypergradient's error floor is
+    ~1e-6 relative instead of ≤ 1e-8."""
+    problem, truth = _victim((16,), "gelu", "ce")
+    x = truth + 0.2 * jax.random.normal(jax.random.key(21), truth.shape, truth.dtype)
+    exact_loss, exact = jax.jit(lambda x: bilevel.hypergradient(bilevel.BilevelConfig(inner=TIGHT), problem, x))(x)
+    hyper = bilevel.Hyper(learning_rate=jnp.asarray(0.01))
+    config = bilevel.BilevelConfig(newton_steps=6, newton_cg=400, adjoint_cg=400, engine="amortized",
+                                   product_precision="float32", inner=InnerConfig(cg_ridge=0.0, cg_tol=1e-15))
+    state = bilevel.init_state(config, problem, x)
+    loss, grad = jax.jit(lambda s: bilevel.amortized_hypergradient(config, problem, hyper, s))(state)
+    assert grad.dtype == jnp.float64
+    error = float(jnp.linalg.norm(grad - exact) / jnp.linalg.norm(exact))
+    assert 1e-9 < error <= 2e-5  # measured 3.9e-6; the float64 products reach 1e-11 here
+    np.testing.assert_allclose(loss, exact_loss, rtol=1e-8)
+    cost = config.cost_per_step()
+    assert cost == {"gradients": 6 + 1 + 6, "values": 4 * 6, "hvps": 6 * 400 + 400 + 2, "float32": 7 + 6 * 400 + 402}
+    assert config.cost_per_step(np.float32)["float32"] == 0
 
 
 def test_amortized_refresh_runs_at_step_zero_and_every_period_across_segments(small_run):
@@ -270,7 +317,8 @@ def test_amortized_refresh_runs_at_step_zero_and_every_period_across_segments(sm
     refreshed = np.isfinite(whole[1]["refresh_correction"])
     assert refreshed[:, [0, 3, 6]].all() and not refreshed[:, [1, 2, 4, 5]].any()
     cost = config.cost_per_step()
-    assert cost == {"gradients": 2, "values": 4, "hvps": 1 * 6 + 6 + 2}
+    # Defaults: 1 Newton step of 6 CG iterations, 7 adjoint CG iterations, float32 products.
+    assert cost == {"gradients": 3, "values": 4, "hvps": 1 * 6 + 7 + 2, "float32": 2 + 15}
     plain = whole[1]["cost_gradients"][:, [1, 2, 4, 5]]
     np.testing.assert_array_equal(plain, cost["gradients"])
     assert (whole[1]["cost_gradients"][:, 0] > cost["gradients"]).all()
@@ -278,15 +326,18 @@ def test_amortized_refresh_runs_at_step_zero_and_every_period_across_segments(sm
 
 
 def test_engines_reach_the_same_images(small_run):
-    """Same start, same schedule: the amortized and the implicit engine take nearly the same path."""
+    """Same start, same schedule: the amortized and the implicit engine take nearly the same path
+    (to 1e-6 with float64 products; to float32 round-off, 1e-5, with the default float32 ones)."""
     problem, _, x0, hyper = small_run
     runs = {}
-    for engine in ("amortized", "implicit"):
+    for engine, precision in (("amortized", "full"), ("amortized", "float32"), ("implicit", "full")):
         config = bilevel.BilevelConfig(steps=6, engine=engine, newton_steps=2, newton_cg=30, adjoint_cg=30,
-                                       inner=InnerConfig(tol=1e-12, cg_tol=1e-12))
-        runs[engine] = _batched(problem, config, x0, hyper)
-    np.testing.assert_allclose(runs["amortized"][0].images, runs["implicit"][0].images, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(runs["amortized"][2]["outer_loss"], runs["implicit"][2]["outer_loss"], rtol=1e-6)
+                                       product_precision=precision, inner=InnerConfig(tol=1e-12, cg_tol=1e-12))
+        runs[engine, precision] = _batched(problem, config, x0, hyper)
+    exact = runs["implicit", "full"]
+    for precision, rtol in (("full", 1e-6), ("float32", 1e-5)):
+        np.testing.assert_allclose(runs["amortized", precision][0].images, exact[0].images, rtol=rtol, atol=1e-9)
+        np.testing.assert_allclose(runs["amortized", precision][2]["outer_loss"], exact[2]["outer_loss"], rtol=rtol)
 
 
 def test_learning_rate_schedules():

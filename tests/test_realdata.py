@@ -64,9 +64,10 @@ def test_bilevel_defaults_reach_the_outer_loss_target_on_two_datasets(request, v
     spec = ReconstructionSpec(init=init, n_inits=4, segment=1000)
     summary = reconstruct(request.getfixturevalue(victim)[0], tmp_path, spec)
     assert max(summary["final_outer_loss"]) < target and not any(summary["diverged"])
-    # The amortized engine: its counted budget per step (2 gradients, 14 products), plus the
-    # refreshes' share (an exact solve every 100 steps).
+    # The amortized engine: its counted budget per step (3 gradients, 15 products, 17 of these
+    # evaluations in float32), plus the refreshes' share (an exact solve every 100 steps).
     cost, budget = summary["cost_per_step"], BilevelConfig().cost_per_step()
-    assert summary["engine"] == "amortized" and budget == {"gradients": 2, "values": 4, "hvps": 14}
+    assert summary["engine"] == "amortized" and budget == {"gradients": 3, "values": 4, "hvps": 15, "float32": 17}
+    assert summary["product_precision"] == "float32" and cost["float32"] == 17
     assert budget["gradients"] <= cost["gradients"] < budget["gradients"] + 2
     assert budget["hvps"] <= cost["hvps"] < budget["hvps"] + 7
