@@ -374,6 +374,11 @@ def _add_study(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted key, e.g. --set methods.bilevel.steps=100 "
                         "--set n_inits=2 (TOML values; repeatable)")
+    p.add_argument("--victims", default=None, metavar="NAME[,NAME]",
+                   help="run only these [victims.NAME] tables of the config, e.g. affine,control "
+                        "(the same cells as in the whole grid; --extend adds the rest later)")
+    p.add_argument("--methods", default=None, metavar="NAME[,NAME]",
+                   help="run only these [methods.NAME] tables of the config, e.g. bilevel")
     p.add_argument("--out", default=None, help="study folder (default: runs/NAME)")
     p.add_argument("--no-figures", action="store_true", help="skip figures and report.md")
     p.add_argument("--extend", action="store_true",
@@ -398,6 +403,7 @@ def _run_study(args) -> int:
     distributed.resolve(args.coordinator, args.num_processes, args.process_id)  # fail fast, before any work
     raw = studyconfig.read_raw(args.config) if args.config else studyconfig.DEFAULT_STUDY
     raw = studyconfig.apply_overrides(raw, args.set)
+    raw = studyconfig.select_tables(studyconfig.select_tables(raw, "victims", args.victims), "methods", args.methods)
     if studyconfig.needs_float64(raw):
         enable_float64()
     name = raw.get("name", Path(args.config).stem if args.config else "study")

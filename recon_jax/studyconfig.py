@@ -440,6 +440,26 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return raw
 
 
+def select_tables(raw: dict, key: str, names: str | None) -> dict:
+    """``raw`` with only the ``[key.NAME]`` tables (key "victims" or "methods") that ``names``
+    lists, a comma-separated string (None: all), so that the part of a grid a machine can
+    afford runs from the same file, e.g. ``--victims affine,affine_wd,control``. The kept
+    cells are the same cells as in the whole grid (``--extend`` later adds the rest to the same
+    folder). An unknown name is refused with the list of names there are.
+    """
+    if names is None:
+        return raw
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    tables = raw.get(key) if isinstance(raw.get(key), dict) else {}
+    unknown = [n for n in wanted if n not in tables]
+    if not wanted or unknown:
+        raise ConfigError(f"--{key} {names!r}: no [{key}.NAME] table named {', '.join(unknown) or '(none given)'}; "
+                          f"this study has {', '.join(tables) or 'none'}")
+    raw = copy.deepcopy(raw)
+    raw[key] = {n: tables[n] for n in tables if n in wanted}
+    return raw
+
+
 def needs_float64(raw: dict) -> bool:
     """True if any victim or method of the parsed file runs in float64 (the default dtype), so
     JAX's x64 mode must be on before the config is validated."""

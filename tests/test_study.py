@@ -85,6 +85,24 @@ def test_overrides():
         studyconfig.apply_overrides(TINY, ["name.x=1"])
 
 
+def test_a_subset_of_tables_gives_the_same_cells_as_the_whole_grid():
+    raw = {**TINY, "victims": {"affine": {"model": "affine"}, "mlp": {"hidden": [4]}, "wide": {"hidden": [8]}}}
+    whole = studyconfig.config_from_dict(raw, name="g")
+    part = studyconfig.config_from_dict(studyconfig.select_tables(
+        studyconfig.select_tables(raw, "victims", "wide, affine"), "methods", "kkt"), name="g")
+    ids = [c.id for c in part.cells()]
+    assert set(part.victims) == {"affine", "wide"} and {c.method for c in part.cells()} == {"kkt"}
+    assert len(ids) == 2 * 2 and set(ids) <= {c.id for c in whole.cells()}
+    for cell in part.cells():  # the same spec as in the whole grid
+        match = next(c for c in whole.cells() if c.id == cell.id)
+        assert part.spec(cell) == whole.spec(match)
+    assert studyconfig.select_tables(raw, "victims", None) is raw and set(raw["victims"]) == {"affine", "mlp", "wide"}
+    with pytest.raises(ConfigError, match="no \\[victims.NAME\\] table named mlpx; this study has affine, mlp, wide"):
+        studyconfig.select_tables(raw, "victims", "affine,mlpx")
+    with pytest.raises(ConfigError, match="no \\[methods.NAME\\] table named \\(none given\\)"):
+        studyconfig.select_tables(raw, "methods", " , ")
+
+
 def test_default_study_is_valid_and_on_digits():
     config = studyconfig.default_config()
     assert all(v.dataset == "digits" for v in config.victims.values())
