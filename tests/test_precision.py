@@ -269,3 +269,21 @@ def test_cli_kkt_default_dtype_and_tolerances_by_dtype(folders, tmp_path):
     assert main(["reconstruct", "--victim", str(folders["float64"]), "--method", "kkt", "--n-inits", "1",
                  "--steps", "3", "--dtype", "float64", "--out", str(out)]) == 0
     assert json.loads((out / "run.json").read_text())["dtype"] == "float64"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_failed_line_search_stops_the_inner_solve_only_at_the_round_off_floor(dtype):
+    """failed ∧ L did not decrease ∧ ‖∇L‖ ≤ √ε·max(1, |L|): the round-off floor of a line search."""
+    from recon_jax.solvers import stalled_at_roundoff
+
+    eps = np.finfo(dtype).eps
+    call = lambda failed, old, new, grad: bool(stalled_at_roundoff(jnp.asarray(failed), jnp.asarray(old, dtype),
+                                                                   jnp.asarray(new, dtype), jnp.asarray(grad, dtype)))
+    assert call(True, 0.5, 0.5, 0.1 * np.sqrt(eps))  # unchanged L at a tiny gradient: the floor
+    assert call(True, 0.5, 0.5 + eps, 0.1 * np.sqrt(eps))  # higher by round-off: the floor
+    assert call(True, 40.0, 40.0, 10 * np.sqrt(eps))  # the floor scales with |L|
+    assert not call(True, 2.2747115, 2.2747149, 0.25)  # a bad step far from the floor (784-256-10 gelu, MNIST)
+    assert not call(True, 0.5, 0.5, 10 * np.sqrt(eps))  # above the floor
+    assert not call(True, 0.5, 0.4, 0.1 * np.sqrt(eps))  # L decreased: progress
+    assert not call(False, 0.5, 0.5, 0.0)  # no failure
+    assert not call(True, np.inf, 2.3, 1e-12)  # the first iteration (L_k = inf before it): a decrease
