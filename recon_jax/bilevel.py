@@ -409,7 +409,9 @@ def _amortized_hypergradient(config: BilevelConfig, problem: Problem, hyper: Hyp
     5e-6…3e-5, its lagged hypergradient is too inexact far from the solution. Further Newton steps (``newton_steps`` > 1) run
     after the first in both modes. Inexact by design: the error is that of θ and v, and goes to
     0 as the budgets grow (tested). Returns (objective, ∇_x objective, θ, v, record); the
-    record's ``inner_grad_norm`` is ‖∇_θL‖ at the θ the hypergradient used.
+    record's ``inner_grad_norm`` is ‖∇_θL‖ at the θ the hypergradient used (with float32
+    products, "updated" mode, computed in float32: a floor near 1e-7·‖∇_θL‖'s scale; run.json's
+    ``inner_converged`` comes from the final full-precision solve).
     """
     images, labels, objective = state.images, problem.labels, problem.objective
     inner = config.inner.resolved(tree_dtype(state.inner_params))
