@@ -80,7 +80,7 @@ from recon_jax.objectives import all_finite, squared_norm
 from recon_jax.precision import FLOAT32_REACHABLE_TOL, cast_tree, default_tolerances, tree_dtype
 from recon_jax.search import resolve_ranges
 from recon_jax.newton import (LINE_SEARCH_STEPS, conjugate_gradient, conjugate_gradient_to_tolerance, gradient_and_hvp,
-                              guarded_newton_step)
+                              guarded_newton_step, lowers_precision)
 from recon_jax.solvers import InnerConfig, make_argmin, make_solve
 
 OUTER_LOSSES = ("l2", "cosine")
@@ -175,7 +175,7 @@ class BilevelConfig:
         gradients and products that ran in float32 (0 otherwise).
         """
         n = self.newton_steps
-        reduced = self.product_precision == "float32" and (dtype is None or np.finfo(dtype).bits > 32)
+        reduced = lowers_precision(_product_dtype(self), np.float64 if dtype is None else dtype)
         if self.adjoint_hessian == "shared":
             cost = {"gradients": n, "values": len(LINE_SEARCH_STEPS) * (n - 1),
                     "hvps": 2 * self.newton_cg + 2 + (n - 1) * self.newton_cg}
@@ -359,9 +359,10 @@ def _as_cost(value, like) -> jax.Array:
     return jnp.asarray(value, like.dtype)
 
 
-def _product_dtype(config: BilevelConfig, params):
-    """The dtype of the amortized engine's Hessian products and cross-term VJP: None (θ's own)
-    unless ``product_precision="float32"`` and θ is wider.
+def _product_dtype(config: BilevelConfig):
+    """The dtype asked for the amortized engine's Hessian products and cross-term VJP: float32
+    for ``product_precision="float32"``, None (θ's own) for "full". Where θ is float32 already
+    it changes nothing (``newton.lowers_precision``).
 
     Mixed precision as in iterative refinement: every right-hand side (∇_θL, ∂l/∂θ), the CG
     recurrences, L's line-search values and the outer update stay in θ's dtype, so the fixed
@@ -369,17 +370,14 @@ def _product_dtype(config: BilevelConfig, params):
     applications (H u, (∂_x∇_θL)ᵀv) lose precision, to a relative ~κ·2⁻²⁴, below the ~10⁻²
     of a fixed-budget CG. On this 2-core CPU a float32 product costs 0.55× (affine 784-10) to
     0.34× (784-256-10 gelu) a float64 one (``benchmarks/bilevel.py``)."""
-    if config.product_precision == "full":
-        return None
-    dtype = tree_dtype(params)
-    return jnp.float32 if dtype is not None and jnp.finfo(dtype).bits > 32 else None
+    return jnp.float32 if config.product_precision == "float32" else None
 
 
 def _gradient_pullback(objective: Callable, params, images: jax.Array, labels, product_dtype):
     """One ``jax.vjp`` of F(θ, x) = ∇_θL(θ; x), in ``product_dtype`` if given: returns
     (F(θ, x), u ↦ (∂_θF)ᵀu = H u (H symmetric), v ↦ (∂_xF)ᵀv), all in the inputs' dtypes."""
     high = tree_dtype(params)
-    low = product_dtype or high
+    low = product_dtype if lowers_precision(product_dtype, high) else high
     grad, pullback = jax.vjp(lambda p, x: jax.grad(objective)(p, x, labels), cast_tree(params, low),
                              images.astype(low))
     hvp = lambda u: cast_tree(pullback(cast_tree(u, low))[0], high)
@@ -419,7 +417,7 @@ def _amortized_hypergradient(config: BilevelConfig, problem: Problem, hyper: Hyp
     outer_of = lambda p: parameter_loss(config.outer_loss, p, problem.victim_params)
     params = state.inner_params
     step_size = jnp.ones((), tree_dtype(params))
-    low = _product_dtype(config, params)
+    low = _product_dtype(config)
     if config.adjoint_hessian == "shared":
         grad, hvp = gradient_and_hvp(objective, params, images, labels, product_dtype=low)
         outer, cotangent = jax.value_and_grad(outer_of)(params)

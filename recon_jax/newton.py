@@ -101,12 +101,12 @@ def conjugate_gradient(matvec: Callable, b, x0, *, iterations: int, ridge: float
     return u, CGInfo(iterations=count, residual=residual)
 
 
-def _reduced(product_dtype, params) -> bool:
-    """Whether products are to run in ``product_dtype``, below θ's own precision."""
-    if product_dtype is None:
-        return False
-    own = tree_dtype(params)
-    return own is not None and jnp.finfo(product_dtype).bits < jnp.finfo(own).bits
+def lowers_precision(product_dtype, dtype) -> bool:
+    """Whether products in ``product_dtype`` (None: none asked for) run below ``dtype``, θ's own
+    floating dtype (None: θ has no floating leaves): the one test of mixed precision, used by
+    the products here and by ``BilevelConfig.cost_per_step``."""
+    return (product_dtype is not None and dtype is not None
+            and jnp.finfo(product_dtype).bits < jnp.finfo(dtype).bits)
 
 
 def reduced_hvp(objective: Callable, params, *args, product_dtype) -> Callable:
@@ -134,7 +134,7 @@ def gradient_and_hvp(objective: Callable, params, *args, product_dtype=None):
     come from ``reduced_hvp`` (one more, cheaper, linearisation).
     """
     grad_fn = lambda p: jax.grad(objective)(p, *args)
-    if _reduced(product_dtype, params):
+    if lowers_precision(product_dtype, tree_dtype(params)):
         return grad_fn(params), reduced_hvp(objective, params, *args, product_dtype=product_dtype)
     return jax.linearize(grad_fn, params)
 
@@ -312,7 +312,7 @@ def value_gradient_and_hvp(objective: Callable, params, *args, product_dtype=Non
     ``product_dtype`` below θ's precision, L and ∇L come from one full-precision
     ``value_and_grad`` and the products from ``reduced_hvp``.
     """
-    if _reduced(product_dtype, params):
+    if lowers_precision(product_dtype, tree_dtype(params)):
         value, grad = jax.value_and_grad(objective)(params, *args)
         return value, grad, reduced_hvp(objective, params, *args, product_dtype=product_dtype)
 

@@ -274,7 +274,12 @@ def test_float32_products_of_a_float64_run_are_rounded_products_and_the_rest_sta
     assert 1e-10 < error < 1e-5
     # A float32 run is left alone: no second precision below it.
     params32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
-    assert not newton._reduced(jnp.float32, params32)
+    assert not newton.lowers_precision(jnp.float32, np.float32) and newton.lowers_precision(jnp.float32, np.float64)
+    _, grad_a, hvp_a = newton.value_gradient_and_hvp(objective, params32, x.astype(jnp.float32), labels,
+                                                     product_dtype=jnp.float32)
+    _, grad_b, hvp_b = newton.value_gradient_and_hvp(objective, params32, x.astype(jnp.float32), labels)
+    direction32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), direction)
+    np.testing.assert_array_equal(ravel_pytree(hvp_a(direction32))[0], ravel_pytree(hvp_b(direction32))[0])
 
 
 def test_amortized_hypergradient_with_float32_products_is_float32_accurate_at_a_large_budget():
