@@ -430,8 +430,10 @@ def _add_identifiability(sub) -> None:
                                    "percentile bootstrap interval over initialisations and seeds, against N*D/P; per "
                                    "method x architecture curve, the ratio at which the AUC falls through 0.75. "
                                    "Writes identifiability.csv, transitions.csv, identifiability.md and figures/.")
-    p.add_argument("--study", required=True, help="a finished study folder (runs/NAME, with results.json)")
-    p.add_argument("--out", default=None, help="output folder (default: STUDY/identifiability)")
+    p.add_argument("--study", required=True, action="append",
+                   help="a finished study folder (runs/NAME, with results.json); repeat it to pool the points of "
+                        "several studies of one dataset into one map (then --out is required)")
+    p.add_argument("--out", default=None, help="output folder (default: STUDY/identifiability for one study)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples B (default 1000)")
     p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--threshold", type=float, default=0.75, help="AUC at which the transition is read (default 0.75)")
@@ -453,8 +455,8 @@ def _run_identifiability(args) -> int:
     from recon_jax import studyconfig
     from recon_jax.artifacts import read_json
 
-    config_file = Path(args.study) / "config.json"
-    if args.swap and config_file.is_file() and studyconfig.needs_float64(read_json(config_file)):
+    config_files = [Path(study) / "config.json" for study in args.study]
+    if args.swap and any(f.is_file() and studyconfig.needs_float64(read_json(f)) for f in config_files):
         enable_float64()  # the swap test loads the study's victims, in their dtype, as `recon-jax study` did
     result = write_identifiability(args.study, args.out, n_resamples=args.resamples, level=args.level, seed=args.seed,
                                    threshold=args.threshold, draw=not args.no_figures, swap=args.swap,

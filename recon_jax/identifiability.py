@@ -2,6 +2,7 @@
 
     write_identifiability(study_dir, out_dir) -> {"points": [...], "transitions": [...], "figures": [...]}
     recon-jax identifiability --study runs/NAME [--out DIR] [--resamples B]
+    recon-jax identifiability --study runs/A --study runs/B --out DIR     # points of several studies pooled
 
 A victim trained on N images of D = h·w·c pixels releases P parameters; the attacks solve for
 N·D unknown pixel values from them. Runkel et al. (2024) argue that once the unknowns per
@@ -36,6 +37,12 @@ this victim: the victim's own training draw is fixed.
 **Transition.** ``transition_ratio``: the first downward crossing of τ = 0.75 along a curve,
 by linear interpolation in log N·D/P (equation there), and its interval from the crossings
 of the replicate curves (each point's b-th replicate).
+
+**Several studies.** A curve may take its points from several finished studies of one dataset
+(e.g. a quick grid and a config that extends one architecture to larger N): their points are
+pooled, in the order the studies are given, a victim trained with the same spec in two of
+them is counted once (the first study's), and the ``study`` column says where each point
+came from. Studies of different datasets are refused: their N·D/P do not share a curve.
 
 Outputs in ``out_dir`` (default ``<study>/identifiability``): ``identifiability.csv`` (one row
 per point: ``POINT_COLUMNS``), ``transitions.csv`` (one row per curve: ``TRANSITION_COLUMNS``),
@@ -77,7 +84,7 @@ POINT_COLUMNS = (
     "victim", "method", "init", "arch", "n_train", "n_pixels", "n_params", "unknowns_per_param", "n_per_class",
     "weight_decay", "n_seeds", "n_runs", "auc", "auc_low", "auc_high", "level", "resamples", "auc_summary",
     "converged_fraction", "own_ssim", "final_loss", "train_above_heldout_count", "cells", "note",
-    "auc_swap", "auc_swap_low", "auc_swap_high", "swap_cell", "swap_nonfinite",
+    "auc_swap", "auc_swap_low", "auc_swap_high", "swap_cell", "swap_nonfinite", "study",
 )
 TRANSITION_COLUMNS = (
     "method", "arch", "init", "weight_decay", "n_points", "ratio_min", "ratio_max", "threshold", "transition",
@@ -346,55 +353,86 @@ def _mean(cells: list[dict], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def identifiability_points(study_dir: str | os.PathLike, *, n_resamples: int = DEFAULT_RESAMPLES,
+def _study_paths(study_dirs) -> list[Path]:
+    """One study folder or several, as a list of paths (several: each named once)."""
+    paths = [Path(study_dirs)] if isinstance(study_dirs, (str, os.PathLike)) else [Path(s) for s in study_dirs]
+    if not paths:
+        raise ConfigError("no study given: pass a finished study folder (recon-jax identifiability --study runs/NAME)")
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"a study is given twice ({', '.join(map(str, paths))}): name each folder once")
+    return paths
+
+
+def _victim_dataset(study: Path, victim: str):
+    return read_json(study / "victims" / victim / "victim.json").get("spec", {}).get("dataset")
+
+
+def identifiability_points(study_dirs: str | os.PathLike | list, *, n_resamples: int = DEFAULT_RESAMPLES,
                            level: float = DEFAULT_LEVEL, seed: int = 0, swap: bool = False,
                            swap_batch: int | None = None) -> list[dict]:
-    """One dict per point (victim, method, init) of a finished study, in the study's order:
+    """One dict per point (victim, method, init) of one finished study, or of several studies of
+    one dataset pooled (``study_dirs`` a list; module doc), in the studies' order:
     ``POINT_COLUMNS``, plus ``replicates`` ``(B,)`` and the victim's saved ``spec``. The
-    bootstrap of every point draws from its own generator, seeded by (``seed``, point index).
+    bootstrap of every point draws from its own generator, seeded by (``seed``, point index),
+    the index running over the pooled points.
 
     ``swap=True`` adds the swap test (``recon_jax.swap``: membership evidence from the attack's
     own objective) on the best run of the point's first cell with a non-diverged run:
     ``auc_swap`` with a bootstrap interval over the candidate images; cached per cell in
     ``cells/<cell>/swap.npz``. Otherwise those columns are empty."""
-    study = Path(study_dir)
-    cells = _study_results(study)
-    groups: dict[tuple, list[dict]] = {}
-    for cell in cells:
-        groups.setdefault((cell["victim"], cell["method"], cell["init"]), []).append(cell)
-    truths, points = {}, []
-    for index, ((victim, method, init), members) in enumerate(groups.items()):
-        seeds, notes = [], []
-        for cell in members:
-            distances = cell_distances(study, cell, truths)
-            if distances is None:
-                notes.append(f"seed {cell['seed']}: every run diverged, left out")
-            else:
-                seeds.append(distances)
-        if seeds:
-            interval = point_bootstrap(seeds, level=level, n_resamples=n_resamples,
-                                       rng=np.random.default_rng([seed, index]))
-        else:
-            interval = Interval(math.nan, math.nan, math.nan, np.full(n_resamples, np.nan))
-        first = members[0]
-        meta = read_json(study / "victims" / victim / "victim.json")
-        points.append({
-            "victim": victim, "method": method, "init": init,
-            **{k: first.get(k) for k in ("arch", "n_train", "n_pixels", "n_params", "unknowns_per_param",
-                                         "n_per_class", "weight_decay")},
-            "n_seeds": len(seeds), "n_runs": int(sum(len(d.train) for d in seeds)),
-            "auc": interval.estimate, "auc_low": interval.low, "auc_high": interval.high, "level": level,
-            "resamples": n_resamples, "auc_summary": _mean(members, "membership_auc_distance"),
-            "converged_fraction": _mean(members, "converged_fraction"), "own_ssim": _mean(members, "own_ssim"),
-            "final_loss": _mean(members, "final_loss"),
-            "train_above_heldout_count": _mean(members, "train_above_heldout_count"),
-            "cells": " ".join(c["cell"] for c in members), "note": "; ".join(notes),
-            "replicates": interval.replicates, "spec": meta.get("spec"),
-        })
-        if swap:
-            points[-1].update(_swap_columns(study, members, n_resamples, level, np.random.default_rng([seed, index, 1]),
-                                            swap_batch))
+    studies = _study_paths(study_dirs)
+    per_study = [(study, _study_results(study)) for study in studies]  # every results.json checked before any work
+    datasets = {study: {_victim_dataset(study, c["victim"]) for c in cells} for study, cells in per_study}
+    if len(set().union(*datasets.values())) > 1:
+        found = "; ".join(f"{study}: {', '.join(sorted(map(str, d)))}" for study, d in datasets.items())
+        raise ConfigError(f"the studies hold victims of different datasets ({found}): their N·D/P do not share a "
+                          "curve; pool studies of one dataset (run `recon-jax identifiability` once per dataset)")
+    points, index = [], 0
+    for study, cells in per_study:
+        groups: dict[tuple, list[dict]] = {}
+        for cell in cells:
+            groups.setdefault((cell["victim"], cell["method"], cell["init"]), []).append(cell)
+        truths = {}
+        for (victim, method, init), members in groups.items():
+            points.append(_point(study, victim, method, init, members, truths, n_resamples=n_resamples, level=level,
+                                 rng=np.random.default_rng([seed, index])))
+            if swap:
+                points[-1].update(_swap_columns(study, members, n_resamples, level,
+                                                np.random.default_rng([seed, index, 1]), swap_batch))
+            index += 1
     return points
+
+
+def _point(study: Path, victim: str, method: str, init: str, members: list[dict], truths: dict, *,
+           n_resamples: int, level: float, rng: np.random.Generator) -> dict:
+    """The point of one (victim, method, init) of a study: its cells (one per seed) pooled."""
+    seeds, notes = [], []
+    for cell in members:
+        distances = cell_distances(study, cell, truths)
+        if distances is None:
+            notes.append(f"seed {cell['seed']}: every run diverged, left out")
+        else:
+            seeds.append(distances)
+    if seeds:
+        interval = point_bootstrap(seeds, level=level, n_resamples=n_resamples, rng=rng)
+    else:
+        interval = Interval(math.nan, math.nan, math.nan, np.full(n_resamples, np.nan))
+    first = members[0]
+    meta = read_json(study / "victims" / victim / "victim.json")
+    return {
+        "victim": victim, "method": method, "init": init,
+        **{k: first.get(k) for k in ("arch", "n_train", "n_pixels", "n_params", "unknowns_per_param",
+                                     "n_per_class", "weight_decay")},
+        "n_seeds": len(seeds), "n_runs": int(sum(len(d.train) for d in seeds)),
+        "auc": interval.estimate, "auc_low": interval.low, "auc_high": interval.high, "level": level,
+        "resamples": n_resamples, "auc_summary": _mean(members, "membership_auc_distance"),
+        "converged_fraction": _mean(members, "converged_fraction"), "own_ssim": _mean(members, "own_ssim"),
+        "final_loss": _mean(members, "final_loss"),
+        "train_above_heldout_count": _mean(members, "train_above_heldout_count"),
+        "cells": " ".join(c["cell"] for c in members), "note": "; ".join(notes), "study": study.name,
+        "replicates": interval.replicates, "spec": meta.get("spec"),
+    }
 
 
 def _swap_columns(study: Path, members: list[dict], n_resamples: int, level: float, rng: np.random.Generator,
@@ -577,11 +615,12 @@ def _figures(points: list[dict], fig_dir: Path, threshold: float, level: float) 
     return written
 
 
-def _markdown(study: Path, points: list[dict], rows: list[dict], written: list[str], threshold: float,
+def _markdown(studies: list[Path], points: list[dict], rows: list[dict], written: list[str], threshold: float,
               level: float, n_resamples: int) -> str:
     fmt = lambda v: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else (
         f"{v:.3g}" if isinstance(v, float) else str(v))
-    lines = [f"# Identifiability map of `{study.name}`", "",
+    names = " + ".join(f"`{study.name}`" for study in studies)
+    lines = [f"# Identifiability map of {names}", "",
              f"Membership AUC (distance to the nearest reconstruction; 0.5 = no evidence of membership) against "
              f"unknowns per parameter N·D/P, with {level:.0%} percentile bootstrap intervals over initialisations "
              f"and seeds ({n_resamples} resamples). Transition: the ratio at which the AUC first falls through "
@@ -600,7 +639,8 @@ def _markdown(study: Path, points: list[dict], rows: list[dict], written: list[s
               "| victim | method | init | N·D/P | AUC | interval | AUC swap | interval | converged | own SSIM |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        lines.append(f"| {p['victim']} | {p['method']} | {p['init']} | {fmt(p['unknowns_per_param'])} | "
+        victim = f"{p['study']}/{p['victim']}" if len(studies) > 1 else p["victim"]
+        lines.append(f"| {victim} | {p['method']} | {p['init']} | {fmt(p['unknowns_per_param'])} | "
                      f"{fmt(p['auc'])} | [{fmt(p['auc_low'])}, {fmt(p['auc_high'])}] | {fmt(p.get('auc_swap'))} | "
                      f"[{fmt(p.get('auc_swap_low'))}, {fmt(p.get('auc_swap_high'))}] | "
                      f"{fmt(p['converged_fraction'])} | {fmt(p['own_ssim'])} |")
@@ -608,18 +648,22 @@ def _markdown(study: Path, points: list[dict], rows: list[dict], written: list[s
     return "\n".join(lines) + "\n"
 
 
-def write_identifiability(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+def write_identifiability(study_dir: str | os.PathLike | list, out_dir: str | os.PathLike | None = None, *,
                           n_resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed: int = 0,
                           threshold: float = AUC_THRESHOLD, draw: bool = True, swap: bool = False,
                           swap_batch: int | None = None) -> dict:
-    """Compute the map of a finished study and write it (module doc) to ``out_dir`` (default
+    """Compute the map of a finished study, or of several of one dataset pooled (``study_dir`` a
+    list; ``out_dir`` is then required), and write it (module doc) to ``out_dir`` (default
     ``<study>/identifiability``); ``swap=True`` adds the swap test's AUC per point
     (``identifiability_points``). Returns {"points", "transitions", "figures", "out"}."""
     if not 0 < threshold < 1:
         raise ConfigError(f"threshold must be an AUC in (0, 1), e.g. 0.75; got {threshold}")
-    study = Path(study_dir)
-    out = Path(out_dir) if out_dir is not None else study / "identifiability"
-    points = identifiability_points(study, n_resamples=n_resamples, level=level, seed=seed, swap=swap,
+    studies = _study_paths(study_dir)
+    if out_dir is None and len(studies) > 1:
+        raise ConfigError(f"{len(studies)} studies are pooled: give the output folder (--out DIR); a default inside "
+                          "one of them would mix a pooled map with that study's own")
+    out = Path(out_dir) if out_dir is not None else studies[0] / "identifiability"
+    points = identifiability_points(studies, n_resamples=n_resamples, level=level, seed=seed, swap=swap,
                                     swap_batch=swap_batch)
     rows = transitions(points, threshold=threshold, level=level)
     out.mkdir(parents=True, exist_ok=True)
@@ -630,5 +674,5 @@ def write_identifiability(study_dir: str | os.PathLike, out_dir: str | os.PathLi
         (out / "figures").mkdir(exist_ok=True)
         written = _figures(points, out / "figures", threshold, level)
     atomic_write_bytes(out / "identifiability.md",
-                       _markdown(study, points, rows, written, threshold, level, n_resamples).encode())
+                       _markdown(studies, points, rows, written, threshold, level, n_resamples).encode())
     return {"points": points, "transitions": rows, "figures": written, "out": out}

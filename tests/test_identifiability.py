@@ -283,3 +283,41 @@ def test_sweep_study_columns_and_identifiability_cli(tmp_path, capsys):
     # A study folder without results.json is refused with the fix.
     assert cli.main(["identifiability", "--study", str(tmp_path / "missing")]) == 2
     assert "run `recon-jax study` to the end first" in capsys.readouterr().err
+
+
+def test_identifiability_pools_studies_of_one_dataset(tmp_path, capsys):
+    """Two studies' points on one curve: a victim trained with the same spec in both is counted once
+    (the first study's), the transition is read across them, and the pooled map needs --out;
+    studies of different datasets, or one named twice, are refused before any work."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    study.run_study(studyconfig.config_from_dict(TINY_SWEEP), first, echo=lambda line: None)
+    raw = json.loads(json.dumps(TINY_SWEEP))
+    raw["name"] = "tiny-sweep-larger"
+    raw["victims"]["affine"]["sweep"]["n_per_class"] = [2, 4]
+    study.run_study(studyconfig.config_from_dict(raw), second, echo=lambda line: None)
+
+    out = tmp_path / "pooled"
+    assert cli.main(["identifiability", "--study", str(first), "--study", str(second), "--out", str(out),
+                     "--resamples", "50", "--no-figures"]) == 0
+    assert "4 points; wrote" in capsys.readouterr().out
+    table = _rows(out / "identifiability.csv")
+    assert [(r["study"], r["victim"]) for r in table] == [("a", "affine-n1"), ("a", "affine-n2"), ("b", "affine-n2"),
+                                                          ("b", "affine-n4")]
+    alone = _rows(first / "summary.csv")
+    assert [float(r["auc"]) for r in table[:2]] == [float(r["membership_auc_distance"]) for r in alone]
+    (curve,) = _rows(out / "transitions.csv")
+    assert curve["n_points"] == "3"  # n1, n2 (once), n4
+    assert float(curve["ratio_min"]) == pytest.approx(10 * 64 / 650) and float(curve["ratio_max"]) == pytest.approx(
+        40 * 64 / 650)
+    assert "`a` + `b`" in (out / "identifiability.md").read_text()
+
+    assert cli.main(["identifiability", "--study", str(first), "--study", str(second)]) == 2
+    assert "give the output folder (--out DIR)" in capsys.readouterr().err
+    assert cli.main(["identifiability", "--study", str(first), "--study", str(first), "--out", str(out)]) == 2
+    assert "is given twice" in capsys.readouterr().err
+    meta_path = second / "victims" / "affine-n4" / "victim.json"
+    meta = json.loads(meta_path.read_text())
+    meta["spec"]["dataset"] = "mnist"
+    meta_path.write_text(json.dumps(meta))
+    assert cli.main(["identifiability", "--study", str(first), "--study", str(second), "--out", str(out)]) == 2
+    assert "different datasets" in capsys.readouterr().err
