@@ -251,9 +251,15 @@ def resolve_engine(config: BilevelConfig, problem: Problem) -> str:
     and a reference solved on another branch, both fixed.) On affine victims it meets every
     target measured.
     """
-    if config.engine != "auto":
-        return config.engine
-    return "amortized" if problem.convex else "implicit"
+    return engine_for(config.engine, problem.convex)
+
+
+def engine_for(engine: str, convex: bool) -> str:
+    """``resolve_engine`` from the setting and the inner problem's convexity alone (what a study
+    needs to key a cell by the engine that runs it, before any victim is loaded)."""
+    if engine != "auto":
+        return engine
+    return "amortized" if convex else "implicit"
 
 
 @struct.dataclass

@@ -41,11 +41,15 @@ def default_kkt_task(loss: str, weight_decay: float) -> str:
     return KKT_TASK_OF_LOSS[loss]
 
 
+def is_convex(model, weight_decay: float) -> bool:
+    """Whether the training objective L(θ) is strongly convex in θ: a network linear in θ (the
+    affine model), whose loss (ce, logistic or mse) is convex in its outputs, plus weight decay
+    λ_wd > 0 (which makes it strongly convex)."""
+    return bool(is_linear_in_params(model)) and weight_decay > 0
+
+
 def problem_from_victim(victim: Victim) -> bilevel.Problem:
     """The attacker's view: θ*, known class-balanced labels, and the victim's training objective."""
     objective = make_objective(victim.model.apply, victim.train_config.loss, victim.train_config.weight_decay)
-    # A victim linear in θ (the affine model): its training loss (ce, logistic or mse) plus weight
-    # decay is strongly convex in θ.
-    convex = is_linear_in_params(victim.model) and victim.train_config.weight_decay > 0
     return bilevel.Problem(victim_params=victim.params, labels=jnp.asarray(victim.known_labels()),
-                           objective=objective, convex=convex)
+                           objective=objective, convex=is_convex(victim.model, victim.train_config.weight_decay))

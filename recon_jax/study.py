@@ -78,16 +78,17 @@ from pathlib import Path
 
 import numpy as np
 
-from recon_jax import checkpoint, metrics
+from recon_jax import bilevel, checkpoint, metrics
 from recon_jax.artifacts import atomic_save_npz, atomic_write_bytes, atomic_write_json, json_roundtrip, read_json, versions
 from recon_jax.attack import descriptor
 from recon_jax.errors import ConfigError
 from recon_jax.evaluation import evaluate_run
 from recon_jax.initialisation import truth_for_slots
 from recon_jax.landscape import distinct_minima
+from recon_jax.problems import is_convex
 from recon_jax.reconstruct import reconstruct, run_identity, sorted_ground_truth
 from recon_jax.studyconfig import Cell, StudyConfig
-from recon_jax.victim import train_and_save
+from recon_jax.victim import VictimSpec, train_and_save
 
 log = logging.getLogger(__name__)
 
@@ -376,9 +377,43 @@ def cell_key(config: StudyConfig, cell: Cell) -> dict:
     landscape = dataclasses.asdict(config.landscape) if cell.init in config.landscape.inits else None
     if landscape is not None:
         landscape.pop("inits")
-    return json_roundtrip({"spec": _without_devices(config.spec(cell).to_json()), "victim": config.victims[cell.victim].to_json(),
+    spec = config.spec(cell)
+    spec_json = _without_devices(spec.to_json())
+    if spec.method == "bilevel":  # the engine that runs, not the setting: "auto" may change its choice
+        spec_json["bilevel"]["engine"] = bilevel.engine_for(spec.bilevel.engine, _victim_convex(config.victims[cell.victim]))
+    return json_roundtrip({"spec": spec_json, "victim": config.victims[cell.victim].to_json(),
                            "minima": dataclasses.asdict(config.minima), "landscape": landscape,
                            "mappings": {"ssim": metrics.PROTOCOL_MAPPING, "distance": DISTANCE_MAPPING}})
+
+
+def _victim_convex(victim: VictimSpec) -> bool:
+    """``problems.is_convex`` of a victim spec, before it is trained (the class count does not matter)."""
+    return is_convex(victim.model(max(victim.n_classes(), 2)), victim.train.weight_decay)
+
+
+def _with_legacy_engine(spec_json: dict, convex: bool) -> dict:
+    """A saved bilevel spec whose engine is still the setting "auto" (saved before keys held the
+    engine that ran), with the engine "auto" picked then: amortized for a convex inner problem,
+    implicit otherwise."""
+    table = spec_json.get("bilevel") or {}
+    if spec_json.get("method") != "bilevel" or table.get("engine") != "auto":
+        return spec_json
+    return {**spec_json, "bilevel": {**table, "engine": "amortized" if convex else "implicit"}}
+
+
+def reusable(saved: dict | None, config: StudyConfig, cell: Cell) -> bool:
+    """Whether a saved cell.json holds this cell's result: its key equals ``cell_key``, in which
+    a bilevel spec names the engine that runs (so "auto" and the engine it picks are the same
+    cell). Cells from before keys are compared by spec; cells from before the engine was
+    resolved in the key, by the engine "auto" picked then (``_with_legacy_engine``)."""
+    if saved is None:
+        return False
+    key = cell_key(config, cell)
+    convex = _victim_convex(config.victims[cell.victim])
+    if "key" not in saved:
+        return _with_legacy_engine(_without_devices(saved.get("spec") or {}), convex) == key["spec"]
+    old = saved["key"]
+    return {**old, "spec": _with_legacy_engine(old.get("spec") or {}, convex)} == key
 
 
 class Progress:
@@ -427,9 +462,7 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, *, process_index:
         if index % process_count != process_index:
             continue
         path = _cell_dir(out, cell) / "cell.json"
-        saved = read_json(path) if path.is_file() else None
-        if saved is not None and (saved.get("key") == cell_key(config, cell) or (  # cells from before keys: by spec
-                "key" not in saved and _without_devices(saved.get("spec") or {}) == cell_key(config, cell)["spec"])):
+        if reusable(read_json(path) if path.is_file() else None, config, cell):
             progress.cell(index, cell, "done earlier, reused")
             continue
         progress.cell(index, cell, "running")

@@ -243,3 +243,38 @@ def test_experiment_configs_are_valid(path):
     config = studyconfig.load_config(path)
     assert config.cells() and config.description
     assert studyconfig.load_config(path, dataset="cifar10").name.endswith("-cifar10")
+
+
+def test_cell_key_records_the_engine_that_runs():
+    """A bilevel cell is keyed by the engine that runs it, not by the setting "auto": "auto" and
+    the engine it picks are the same cell, and a change of what "auto" picks reruns the cells
+    it affects. Cells saved while the key held the setting are reused where "auto" then picked
+    the engine it picks now (amortized for the convex affine victim, implicit for hidden layers)."""
+    from recon_jax import bilevel
+
+    raw = {**TINY, "victims": {"affine": {"model": "affine"}, "mlp": {"hidden": [4], "activation": "gelu"}}}
+    config = studyconfig.config_from_dict(raw)
+    cells = {(c.victim, c.method): c for c in config.cells() if c.init == "gaussian:0.1"}
+    affine, mlp, kkt = cells["affine", "bilevel"], cells["mlp", "bilevel"], cells["affine", "kkt"]
+    engine = lambda cfg, cell: study.cell_key(cfg, cell)["spec"]["bilevel"]["engine"]
+    assert engine(config, affine) == "amortized" and engine(config, mlp) == bilevel.engine_for("auto", convex=False)
+    explicit = {name: studyconfig.config_from_dict(studyconfig.apply_overrides(
+        raw, [f'methods.bilevel.bilevel.engine="{name}"'])) for name in ("amortized", "implicit")}
+    assert study.cell_key(explicit["amortized"], affine) == study.cell_key(config, affine)  # auto = what it picks
+    assert study.cell_key(explicit["implicit"], affine) != study.cell_key(config, affine)
+
+    def legacy(cell, cfg=config):  # a cell.json written while the key held the setting
+        key = study.cell_key(cfg, cell)
+        key["spec"]["bilevel"]["engine"] = cfg.spec(cell).bilevel.engine
+        return {"key": key}
+
+    mlp_auto_was_implicit = bilevel.engine_for("auto", convex=False) == "implicit"
+    assert study.reusable(legacy(affine), config, affine) and study.reusable(legacy(kkt), config, kkt)
+    assert study.reusable(legacy(mlp), config, mlp) == mlp_auto_was_implicit
+    assert study.reusable(legacy(mlp), explicit["implicit"], mlp)  # it ran the implicit engine
+    assert study.reusable(legacy(affine), explicit["amortized"], affine)
+    assert not study.reusable(legacy(affine), explicit["implicit"], affine)
+    # Cells from before keys existed (compared by spec) follow the same rule.
+    assert study.reusable({"spec": legacy(affine)["key"]["spec"]}, config, affine)
+    assert study.reusable({"spec": legacy(mlp)["key"]["spec"]}, config, mlp) == mlp_auto_was_implicit
+    assert not study.reusable(None, config, mlp)
