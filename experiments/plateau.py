@@ -29,6 +29,7 @@ Writes ``OUT/plateau.json``, ``OUT/plateau.md`` and figures under ``OUT/figures`
     python experiments/plateau.py --out runs/plateau                       # MNIST, as above
     python experiments/plateau.py --dataset fashion_mnist --out runs/plateau-fashion
     python experiments/plateau.py --hidden 64 --n-per-class 5 --steps 300 --out runs/plateau-small
+    python experiments/plateau.py --engine amortized --steps 10000 --schedule cosine --out runs/plateau-10k
 
 Reduced variants for CPU budgets change --steps, --n-per-class, --hidden, --lanczos and
 --extra-steps; every figure in plateau.json records the settings it was measured with.
@@ -68,6 +69,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-inits", type=int, default=2)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--engine", default="implicit", choices=("implicit", "amortized"))
+    p.add_argument("--schedule", default="plateau", choices=bilevel.SCHEDULES,
+                   help="outer learning-rate schedule (bilevel.lr_schedule). The default, plateau, halves the rate "
+                        "after 20 steps without improvement, so once the loss stalls more steps cannot move it; "
+                        "cosine decays over the whole --steps, the test of what 10x more steps do")
     p.add_argument("--extra-steps", type=int, default=200)
     p.add_argument("--lanczos", type=int, default=30, help="Lanczos steps per operator")
     p.add_argument("--slice-points", type=int, default=21)
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
     n_unknowns = int(sum(victim.label_counts)) * int(np.prod(victim.image_shape))
     result["victim"] = {"n_params": int(n_params), "unknowns": n_unknowns, "unknowns_per_param": n_unknowns / n_params,
                         "grad_norm": (report.get("grad_norm") if isinstance(report, dict) else report.grad_norm)}
-    config = bilevel.BilevelConfig(steps=args.steps, engine=args.engine)
+    config = bilevel.BilevelConfig(steps=args.steps, engine=args.engine, schedule=args.schedule)
     run = reconstruct(out / "victim", out / "run", ReconstructionSpec(method="bilevel", init=args.init,
                                                                       n_inits=args.n_inits, bilevel=config))
     result["attack_seconds"] = time.perf_counter() - t0

@@ -52,10 +52,14 @@ for a convex inner problem, an affine victim, and the implicit one otherwise, se
 
 The outer optimiser is Adam (or SGD with momentum) with the learning rate as a *traced*
 value, so that a batch of learning rates and prior weights can be vmapped like
-initialisations, multiplied by a schedule s(t) (``schedule="cosine"``, the default: a short
-linear warm-up, then cosine decay to ``final_lr_fraction``). A fixed learning rate keeps
-moving pixels at the optimum of this deterministic outer problem: measured on
-Fashion-MNIST, the objective dipped to ~1e-6 and then rose again; the decay removes that.
+initialisations, multiplied by a schedule s(t) (``lr_schedule``). The default,
+``schedule="plateau"``, is a short linear warm-up, then the rate halves after every
+``plateau_patience`` steps without a new best objective (reduce-on-plateau, per
+initialisation); ``"cosine"`` decays it over the whole run to ``final_lr_fraction``. A fixed
+learning rate keeps moving pixels at the optimum of this deterministic outer problem:
+measured on Fashion-MNIST, the objective dipped to ~1e-6 and then rose again; either decay
+removes that. Under "plateau" a run that has stalled has a vanishing rate, so more steps do
+not move it: to test what more steps do, use "cosine" with the larger ``steps``.
 
 Everything here is written for ONE initialisation. ``recon_jax.reconstruct`` vmaps,
 chunks and checkpoints it.
