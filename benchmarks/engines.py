@@ -59,6 +59,11 @@ def bilevel_methods(raw: dict, names: str | None) -> list[str]:
     return methods
 
 
+def _number(value) -> float:
+    """A summary figure as a float, NaN where the cell has none (None)."""
+    return float("nan") if value is None else float(value)
+
+
 def largest_refresh_correction(run_dir: Path) -> float:
     """max over initialisations and refreshes after step 0 of ‖θ_carried − θ_exact‖/‖θ‖ (nan if none)."""
     path = run_dir / "history.npz"
@@ -111,8 +116,8 @@ def main(argv=None) -> int:
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for cell, a in results["implicit"].items():
         b = results["amortized"][cell]
-        row = {"cell": cell, "unknowns_per_param": a.get("unknowns_per_param"),
-               **{f"{k}_{e}": r.get(k) for e, r in (("implicit", a), ("amortized", b))
+        row = {"cell": cell, "unknowns_per_param": _number(a.get("unknowns_per_param")),
+               **{f"{k}_{e}": _number(r.get(k)) for e, r in (("implicit", a), ("amortized", b))
                   for k in ("membership_auc_distance", "own_ssim", "final_loss", "seconds")},
                "largest_refresh_correction": b["largest_refresh_correction"]}
         rows.append(row)
@@ -120,8 +125,10 @@ def main(argv=None) -> int:
               f"{row['membership_auc_distance_amortized']:.3f} | {row['own_ssim_implicit']:.3f} | "
               f"{row['own_ssim_amortized']:.3f} | {row['final_loss_implicit']:.2e} | {row['final_loss_amortized']:.2e} | "
               f"{row['seconds_implicit']:.0f} | {row['seconds_amortized']:.0f} | {row['largest_refresh_correction']:.2e} |")
-    d_auc = max(abs(r["membership_auc_distance_amortized"] - r["membership_auc_distance_implicit"]) for r in rows)
-    d_ssim = max(abs(r["own_ssim_amortized"] - r["own_ssim_implicit"]) for r in rows)
+    # A figure missing under one engine (e.g. every run of a cell diverged) is NaN: the verdict is then DIFFER.
+    d_auc = float(np.max([abs(r["membership_auc_distance_amortized"] - r["membership_auc_distance_implicit"])
+                          for r in rows]))
+    d_ssim = float(np.max([abs(r["own_ssim_amortized"] - r["own_ssim_implicit"]) for r in rows]))
     loss_ratio = float(np.median([r["final_loss_amortized"] / r["final_loss_implicit"] for r in rows]))
     speed = float(np.median([r["seconds_implicit"] / r["seconds_amortized"] for r in rows]))
     verdict = "AGREE" if d_auc <= args.auc_tol and d_ssim <= args.ssim_tol else "DIFFER"

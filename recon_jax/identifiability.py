@@ -383,7 +383,8 @@ def identifiability_points(study_dirs: str | os.PathLike | list, *, n_resamples:
     ``cells/<cell>/swap.npz``. Otherwise those columns are empty."""
     studies = _study_paths(study_dirs)
     per_study = [(study, _study_results(study)) for study in studies]  # every results.json checked before any work
-    datasets = {study: {_victim_dataset(study, c["victim"]) for c in cells} for study, cells in per_study}
+    datasets = {study: {_victim_dataset(study, victim) for victim in {c["victim"] for c in cells}}
+                for study, cells in per_study}  # one victim.json read per victim, not per cell
     if len(set().union(*datasets.values())) > 1:
         found = "; ".join(f"{study}: {', '.join(sorted(map(str, d)))}" for study, d in datasets.items())
         raise ConfigError(f"the studies hold victims of different datasets ({found}): their N·D/P do not share a "

@@ -73,3 +73,9 @@ def test_engines_benchmark_runs_both_engines_side_by_side(tmp_path, capsys):
     assert capsys.readouterr().out.count("done earlier, reused") == 2
     with pytest.raises(SystemExit, match="not a bilevel method"):
         engines.main(["--config", str(config), "--out", str(out), "--methods", "kkt"])
+
+
+def test_engines_benchmark_missing_figures_are_nan():
+    """A figure a cell lacks (every run diverged: AUC None) becomes NaN rather than a crash."""
+    engines = _script()
+    assert np.isnan(engines._number(None)) and engines._number(3) == 3.0
