@@ -16,9 +16,9 @@ The gradient reaches x through θ(x) by the implicit function theorem: at ∇_θ
 
     ∇_x l = −(∂_x∇_θL)ᵀ v,      (H + ρI) v = ∂l/∂θ,      H = ∇²_θL(θ(x); x)              (IFT)
 
-Two engines compute it (``BilevelConfig.engine``; the default "auto" takes the amortized one
-for a convex inner problem, an affine victim, and the implicit one otherwise, see
-``resolve_engine``):
+Two engines compute it (``BilevelConfig.engine``; the default "auto" takes the amortized one,
+with a CG adjoint for a convex inner problem and a MINRES adjoint otherwise; see
+``resolve_engine`` and ``solver_for``):
 
 ``"amortized"``: explicit, amortized hypergradients in the spirit of Arbel & Mairal,
   "Amortized implicit differentiation for stochastic bilevel optimization" (ICLR 2022), with
@@ -84,7 +84,7 @@ from recon_jax.objectives import all_finite, squared_norm
 from recon_jax.precision import FLOAT32_REACHABLE_TOL, cast_tree, default_tolerances, tree_dtype
 from recon_jax.search import resolve_ranges
 from recon_jax.newton import (LINE_SEARCH_STEPS, conjugate_gradient, conjugate_gradient_to_tolerance, gradient_and_hvp,
-                              guarded_newton_step, lowers_precision)
+                              guarded_newton_step, lowers_precision, minimal_residual)
 from recon_jax.solvers import InnerConfig, make_argmin, make_solve
 
 OUTER_LOSSES = ("l2", "cosine")
@@ -94,6 +94,7 @@ WARM_STARTS = ("previous", "victim")
 ENGINES = ("auto", "amortized", "implicit")
 ADJOINT_HESSIANS = ("shared", "updated")
 PRODUCT_PRECISIONS = ("full", "float32")
+ADJOINT_SOLVERS = ("auto", "cg", "minres")
 SCHEDULES = ("plateau", "cosine", "constant")
 
 
@@ -104,7 +105,9 @@ class BilevelConfig:
     Engine budgets (``engine="amortized"``, see the module docstring): ``newton_steps`` Newton
     steps of ``newton_cg`` CG iterations and ``adjoint_cg`` adjoint CG iterations per outer step,
     an exact refresh every ``refresh_every`` steps (0: at step 0 only). CG stops early (masked)
-    at ``inner.cg_tol``; the ridge ρ is ``inner.cg_ridge``. ``product_precision="float32"`` runs
+    at ``inner.cg_tol``; the ridge ρ is ``inner.cg_ridge``. ``adjoint_solver`` solves the
+    adjoint system, per step and at the refresh: "cg", "minres" (for an indefinite H), or
+    "auto" = CG for a convex inner problem and MINRES otherwise (``solver_for``). ``product_precision="float32"`` runs
     the Hessian products and the cross-term VJP of a float64 run in float32 (``_product_dtype``).
     The learning rate is scaled by the schedule s(t) (``schedule``, ``warmup_steps``,
     ``final_lr_fraction``).
@@ -126,6 +129,7 @@ class BilevelConfig:
     adjoint_cg: int = 7
     refresh_every: int = 100
     adjoint_hessian: str = "updated"
+    adjoint_solver: str = "auto"
     product_precision: str = "float32"
     schedule: str = "plateau"
     warmup_steps: int = 20
@@ -139,6 +143,7 @@ class BilevelConfig:
                                      ("box", self.box, BOX_MODES), ("warm_start", self.warm_start, WARM_STARTS),
                                      ("engine", self.engine, ENGINES), ("schedule", self.schedule, SCHEDULES),
                                      ("adjoint_hessian", self.adjoint_hessian, ADJOINT_HESSIANS),
+                                     ("adjoint_solver", self.adjoint_solver, ADJOINT_SOLVERS),
                                      ("product_precision", self.product_precision, PRODUCT_PRECISIONS)):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -242,30 +247,48 @@ class Problem:
 
 
 def resolve_engine(config: BilevelConfig, problem: Problem) -> str:
-    """The engine that runs: ``config.engine``, with "auto" = "amortized" for a convex inner
-    problem and "implicit" otherwise.
+    """The engine that runs: ``config.engine``, with "auto" = "amortized".
 
-    Why: for a non-convex inner problem θ(x) is a branch of local minimisers and H(θ) can be
-    indefinite away from it; a fixed CG budget does not control v there. Measured with
-    ``benchmarks/engines.py`` (the study's figures under both engines, cell by cell): on MNIST's
-    one-hidden-layer gelu victims of widths 8 and 32 (quick grid) and 16 at N = 10 the engines
-    agree (AUC within 0.001, own SSIM within 0.003), but not at width 16 with N = 50 (final loss
-    0.253 against 0.053, AUC 0.769 against 0.790), nor on CIFAR-10: on 3072-32-10 with 10 images the implicit
-    engine recovers the training set (own SSIM 0.905, outer loss 0.148) and the amortized one
-    stays at its start (0.155, 0.976), with no budget tried (refresh every 10 steps, 3 Newton
-    steps, 20 + 20 CG) matching it on all three victims (docs/benchmarks.md). So hidden layers
-    get the implicit engine; choose ``engine="amortized"`` for them only where
-    ``benchmarks/engines.py`` shows agreement. On affine victims it meets every target measured.
+    Why: measured with ``benchmarks/engines.py`` (a study's bilevel cells under both engines,
+    side by side), the amortized engine with its MINRES adjoint (``solver_for``) gives the
+    implicit engine's figures on every victim checked, 5–17× faster:
+    - MNIST, quick grid (200 steps), gelu 784-8-10 at N = 10 and 30 and 784-32-10 at N = 10:
+      AUC within 0.002, own SSIM within 0.004, final losses within a factor 1.2;
+    - MNIST, full grid (1000 steps), 784-16-10 at N = 10 and 50: AUC within 0.020, own SSIM
+      within 0.003; at N = 50 the amortized run ends lower (0.029 against 0.053);
+    - CIFAR-10, quick grid, 3072-8-10 at N = 10 and 30 and 3072-32-10 at N = 10: AUC within
+      0.013; own SSIM 0.906 / 0.905 on width 32, and 0.454 / 0.420 on width 8 at N = 10.
+    With the CG adjoint the CIFAR-10 width-32 run stalled at its start (own SSIM 0.155 against
+    0.905), which is why hidden layers used to get the implicit engine. The implicit engine
+    stays the reference (``engine="implicit"``) and the one to check a new kind of victim with.
     """
     return engine_for(config.engine, problem.convex)
 
 
+def solver_for(solver: str, convex: bool) -> str:
+    """The amortized adjoint's solver: ``solver``, with "auto" = "cg" for a convex inner
+    problem (H positive definite: CG's error is least in the H-norm) and "minres" otherwise.
+
+    Why: with hidden layers the carried θ sits near, not at, θ(x), and there H can have small
+    negative eigenvalues. Measured on CIFAR-10 3072-32-10 gelu with 10 images (gaussian:0.1,
+    Lanczos on H at the carried θ every 8 steps): the smallest Ritz value ran between −4e-4 and
+    +1e-4 against a largest of 2e-2, and the 7-iteration CG adjoint warm-started from the
+    previous v reached residuals ‖Hv − g‖/‖g‖ of 1e3–1e7 with ‖v‖ growing from 2e4 to 2e8: the
+    hypergradient was noise and the run stalled at outer loss 1.1 where the implicit engine
+    reaches 0.15. MINRES minimises the residual over the same Krylov space, so it never ends
+    worse than its (scaled) warm start (``recon_jax.newton.minimal_residual``).
+    """
+    if solver != "auto":
+        return solver
+    return "cg" if convex else "minres"
+
+
 def engine_for(engine: str, convex: bool) -> str:
     """``resolve_engine`` from the setting and the inner problem's convexity alone (what a study
-    needs to key a cell by the engine that runs it, before any victim is loaded)."""
-    if engine != "auto":
-        return engine
-    return "amortized" if convex else "implicit"
+    needs to key a cell by the engine that runs it, before any victim is loaded). "auto" is the
+    amortized engine for every victim; ``convex`` picks its adjoint solver (``solver_for``)."""
+    del convex  # the engine no longer depends on it (until 2026-12: implicit for non-convex)
+    return "amortized" if engine == "auto" else engine
 
 
 @struct.dataclass
@@ -456,8 +479,8 @@ def _amortized_hypergradient(config: BilevelConfig, problem: Problem, hyper: Hyp
         # where a linearisation for H and a separate VJP for the cross term took two.
         grad, hvp, cross = _gradient_pullback(objective, params, images, labels, low)
         outer, cotangent = jax.value_and_grad(outer_of)(params)
-        adjoint, adjoint_info = conjugate_gradient(hvp, cotangent, state.adjoint, iterations=config.adjoint_cg,
-                                                   ridge=ridge, tol=tol)
+        solve = minimal_residual if solver_for(config.adjoint_solver, problem.convex) == "minres" else conjugate_gradient
+        adjoint, adjoint_info = solve(hvp, cotangent, state.adjoint, iterations=config.adjoint_cg, ridge=ridge, tol=tol)
         grad_images_outer = -cross(adjoint)
         adjoint_iterations, residual = adjoint_info.iterations, adjoint_info.residual
     for _ in range(extra_newton):
@@ -495,8 +518,12 @@ def refresh(config: BilevelConfig, problem: Problem, state: OuterState):
     _, hvp = gradient_and_hvp(problem.objective, params, state.images, problem.labels)
     cotangent = jax.grad(lambda p: parameter_loss(config.outer_loss, p, problem.victim_params))(params)
     inner = config.inner.resolved(tree_dtype(params))
-    adjoint, adjoint_info = conjugate_gradient_to_tolerance(
-        hvp, cotangent, state.adjoint, maxiter=inner.cg_maxiter, ridge=inner.cg_ridge, tol=inner.cg_tol)
+    if solver_for(config.adjoint_solver, problem.convex) == "minres":
+        adjoint, adjoint_info = minimal_residual(hvp, cotangent, state.adjoint, iterations=inner.cg_maxiter,
+                                                 ridge=inner.cg_ridge, tol=inner.cg_tol, early_stop=True)
+    else:
+        adjoint, adjoint_info = conjugate_gradient_to_tolerance(
+            hvp, cotangent, state.adjoint, maxiter=inner.cg_maxiter, ridge=inner.cg_ridge, tol=inner.cg_tol)
     change = jax.tree_util.tree_map(jnp.subtract, state.inner_params, params)
     correction = jnp.sqrt(squared_norm(change) / squared_norm(params))
     ok = all_finite(params) & all_finite(adjoint)

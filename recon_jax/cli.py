@@ -178,8 +178,8 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     b.add_argument("--engine", choices=ENGINES, default="auto",
                    help="amortized: theta and the adjoint carried across steps, fixed Newton-CG and "
                         "adjoint-CG budgets, exact refresh every --refresh-every steps; implicit: L-BFGS to "
-                        "--inner-tol and jaxopt implicit differentiation at every step; auto (default): amortized "
-                        "for affine victims (convex inner problem), implicit for networks with hidden layers")
+                        "--inner-tol and jaxopt implicit differentiation at every step (the reference); auto "
+                        "(default): amortized")
     b.add_argument("--newton-steps", type=int, default=1, help="amortized: Newton steps per outer step (default 1)")
     defaults = bilevel.BilevelConfig()
     b.add_argument("--newton-cg", type=int, default=defaults.newton_cg,
@@ -189,6 +189,9 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     b.add_argument("--adjoint-hessian", choices=bilevel.ADJOINT_HESSIANS, default="updated",
                    help="amortized: adjoint at the Newton-updated theta (default), or solved with the Newton step "
                         "as one block CG on one shared linearisation (cheaper, less exact; uses --newton-cg)")
+    b.add_argument("--adjoint-solver", choices=bilevel.ADJOINT_SOLVERS, default=defaults.adjoint_solver,
+                   help="amortized: the adjoint's solver, per step and at the refresh: cg, minres (symmetric "
+                        "indefinite H), or auto (default: cg for affine victims, minres with hidden layers)")
     b.add_argument("--product-precision", choices=bilevel.PRODUCT_PRECISIONS, default=defaults.product_precision,
                    help=f"amortized: precision of the Hessian products and the cross-term VJP of a float64 run "
                         f"(gradients, CG recurrences and the update stay float64; default {defaults.product_precision})")
@@ -273,6 +276,7 @@ def _run_attack(args) -> int:
                                            warm_start=args.warm_start, inner=inner, engine=args.engine,
                                            newton_steps=args.newton_steps, newton_cg=args.newton_cg,
                                            adjoint_cg=args.adjoint_cg, adjoint_hessian=args.adjoint_hessian,
+                                           adjoint_solver=args.adjoint_solver,
                                            product_precision=args.product_precision,
                                            refresh_every=args.refresh_every,
                                            schedule=args.schedule, warmup_steps=args.warmup_steps)

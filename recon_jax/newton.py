@@ -54,10 +54,24 @@ class CGInfo:
     residual: jax.Array  # ‖(A + ρI)u − b‖ / ‖b‖ at the returned u (the recursive residual)
 
 
+def _scaled_warm_start(apply: Callable, b, x0):
+    """(u₀, r₀) = (c x₀, b − c (A + ρI) x₀) with c = bᵀA x₀ / ‖A x₀‖², the scale that minimises
+    ‖b − c A x₀‖: so ‖r₀‖ ≤ ‖b‖ whatever x₀ is (c = 0 drops a warm start that does not point
+    along a solution). One product; (0, b) when ``x0`` is None."""
+    if x0 is None:
+        return tree_map(jnp.zeros_like, b), b
+    ax = apply(x0)
+    ax2 = squared_norm(ax)
+    tiny = jnp.finfo(ax2.dtype).tiny
+    c = jnp.where(ax2 > tiny, tree_vdot(b, ax) / jnp.where(ax2 > tiny, ax2, 1.0), 0.0)
+    return tree_map(lambda a: c * a, x0), tree_map(lambda bb, a: bb - c * a, b, ax)
+
+
 def conjugate_gradient(matvec: Callable, b, x0, *, iterations: int, ridge: float = 0.0,
                        tol: float = 0.0) -> tuple[object, CGInfo]:
     """Solve (A + ρI) u = b by ``iterations`` CG iterations from u₀ = ``x0`` (Hestenes–Stiefel).
 
+        u₀ = c x₀ (``_scaled_warm_start``: the multiple of x₀ with the least residual),
         r₀ = b − (A + ρI)u₀,  p₀ = r₀
         α_k = r_kᵀr_k / p_kᵀ(A + ρI)p_k,   u_{k+1} = u_k + α_k p_k,   r_{k+1} = r_k − α_k (A + ρI)p_k
         β_k = r_{k+1}ᵀr_{k+1} / r_kᵀr_k,   p_{k+1} = r_{k+1} + β_k p_k
@@ -65,14 +79,13 @@ def conjugate_gradient(matvec: Callable, b, x0, *, iterations: int, ridge: float
     ``matvec(p)`` is A p (A symmetric). One product per iteration, plus one for r₀ unless
     ``x0`` is None (u₀ = 0, r₀ = b, no product). Iterations stop changing u (a mask, not a
     branch) once ‖r‖ ≤ tol·‖b‖ or on non-positive curvature. Returns (u, CGInfo).
+    The scaling (c ≈ 1 for a good warm start) keeps ‖r₀‖ ≤ ‖b‖: a warm start carried from
+    another matrix (the amortized adjoint, whose H changes every step) can otherwise start CG
+    with a residual many times ‖b‖ and carry it on, as measured on a hidden-layer victim where
+    H's smallest eigenvalues change sign between steps.
     """
     apply = lambda p: tree_axpy(ridge, p, matvec(p)) if ridge else matvec(p)
-    if x0 is None:
-        u = tree_map(jnp.zeros_like, b)
-        r = b
-    else:
-        u = x0
-        r = tree_map(jnp.subtract, b, apply(x0))
+    u, r = _scaled_warm_start(apply, b, x0)
     b_norm2 = squared_norm(b)
     dtype = b_norm2.dtype
     tiny = jnp.finfo(dtype).tiny
@@ -99,6 +112,72 @@ def conjugate_gradient(matvec: Callable, b, x0, *, iterations: int, ridge: float
     u, r, _, rr, _, count = lax.fori_loop(0, iterations, body, carry)
     residual = jnp.sqrt(rr / jnp.maximum(b_norm2, tiny))
     return u, CGInfo(iterations=count, residual=residual)
+
+
+def minimal_residual(matvec: Callable, b, x0, *, iterations: int, ridge: float = 0.0,
+                     tol: float = 0.0, early_stop: bool = False) -> tuple[object, CGInfo]:
+    """Solve (A + ρI) u = b for a symmetric, possibly INDEFINITE A by ``iterations`` steps of
+    MINRES (Paige & Saunders 1975) from the scaled warm start of ``_scaled_warm_start``.
+
+    MINRES picks u_k ∈ u₀ + K_k(A + ρI, r₀) minimising ‖b − (A + ρI)u_k‖ (Lanczos on r₀ plus a
+    QR update of the tridiagonal by Givens rotations), so the residual never grows: from a warm
+    start it can only improve on it, where CG on an indefinite matrix may blow it up. This is the
+    amortized adjoint's solver for networks with hidden layers, whose carried θ can sit where
+    H = ∇²_θL has small negative eigenvalues. Fixed budget with masks, as ``conjugate_gradient``:
+    an element freezes once ‖r‖ ≤ tol·‖b‖ or on a Lanczos breakdown (an invariant subspace,
+    where u is exact). One product per iteration, plus one for r₀ unless ``x0`` is None.
+    ``CGInfo.residual`` is the recursive estimate φ̄_k = ‖r_k‖/‖b‖. ``early_stop=True`` runs a
+    ``while_loop`` instead, which ends once every element is frozen (at most ``iterations``):
+    for occasional accurate solves (the bilevel refresh), as ``conjugate_gradient_to_tolerance``.
+    """
+    apply = lambda p: tree_axpy(ridge, p, matvec(p)) if ridge else matvec(p)
+    u, r = _scaled_warm_start(apply, b, x0)
+    b_norm2 = squared_norm(b)
+    dtype = b_norm2.dtype
+    tiny = jnp.finfo(dtype).tiny
+    threshold = tol * jnp.sqrt(b_norm2)
+    beta1 = jnp.sqrt(squared_norm(r))
+    zeros = tree_map(jnp.zeros_like, b)
+    zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
+    safe = lambda d: jnp.where(jnp.abs(d) > tiny, d, one)
+
+    def body(_, carry):
+        u, v_old, v, beta, w_old, w, cs, sn, dbar, eps, phibar, done, count = carry
+        active = ~done & (phibar > threshold) & (beta > tiny)
+        # Lanczos: β_{k+1} v_{k+1} = (A + ρI) v_k − α_k v_k − β_k v_{k−1}.
+        av = apply(v)
+        alpha = tree_vdot(v, av)
+        y = tree_map(lambda a, vk, vo: a - alpha * vk - beta * vo, av, v, v_old)
+        beta_new = jnp.sqrt(squared_norm(y))
+        # Apply the previous rotation, then make the new one: [c s; s −c] on (δ̄, α) and (0, β_{k+1}).
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        eps_new = sn * beta_new
+        dbar_new = -cs * beta_new
+        gamma = jnp.sqrt(gbar ** 2 + beta_new ** 2)
+        cs_new, sn_new = gbar / safe(gamma), beta_new / safe(gamma)
+        phi = cs_new * phibar
+        w_new = tree_map(lambda vk, wo, wk: (vk - eps * wo - delta * wk) / safe(gamma), v, w_old, w)
+        keep = lambda new, old: jnp.where(active, new, old)
+        u = tree_map(lambda a, wn: keep(a + phi * wn, a), u, w_new)
+        v_next = tree_map(lambda yk: yk / safe(beta_new), y)
+        out = (tree_map(keep, v, v_old), tree_map(keep, v_next, v), keep(beta_new, beta),
+               tree_map(keep, w, w_old), tree_map(keep, w_new, w), keep(cs_new, cs), keep(sn_new, sn),
+               keep(dbar_new, dbar), keep(eps_new, eps), keep(sn_new * phibar, phibar))
+        return (u, *out, ~active, count + active.astype(jnp.int32))
+
+    v1 = tree_map(lambda a: a / safe(beta1), r)
+    carry = (u, zeros, v1, beta1, zeros, zeros, -one, zero, zero, zero, beta1, jnp.asarray(False),
+             jnp.asarray(0, jnp.int32))
+    if early_stop:
+        live = lambda c: ~c[11] & (c[10] > threshold) & (c[3] > tiny)
+        _, final = lax.while_loop(lambda kc: (kc[0] < iterations) & live(kc[1]),
+                                  lambda kc: (kc[0] + 1, body(kc[0], kc[1])), (jnp.asarray(0, jnp.int32), carry))
+    else:
+        final = lax.fori_loop(0, iterations, body, carry)
+    u, *rest = final
+    phibar, count = rest[-3], rest[-1]
+    return u, CGInfo(iterations=count, residual=phibar / jnp.maximum(jnp.sqrt(b_norm2), tiny))
 
 
 def lowers_precision(product_dtype, dtype) -> bool:

@@ -378,9 +378,9 @@ def cell_key(config: StudyConfig, cell: Cell) -> dict:
     if landscape is not None:
         landscape.pop("inits")
     spec = config.spec(cell)
-    spec_json = _without_devices(spec.to_json())
-    if spec.method == "bilevel":  # the engine that runs, not the setting: "auto" may change its choice
-        spec_json["bilevel"]["engine"] = bilevel.engine_for(spec.bilevel.engine, _victim_convex(config.victims[cell.victim]))
+    spec_json = _own_method_only(_without_devices(spec.to_json()))
+    if spec.method == "bilevel":  # what runs, not the setting: "auto" may change its choice
+        spec_json["bilevel"] = _resolved_bilevel(spec_json["bilevel"], _victim_convex(config.victims[cell.victim]))
     return json_roundtrip({"spec": spec_json, "victim": config.victims[cell.victim].to_json(),
                            "minima": dataclasses.asdict(config.minima), "landscape": landscape,
                            "mappings": {"ssim": metrics.PROTOCOL_MAPPING, "distance": DISTANCE_MAPPING}})
@@ -391,21 +391,44 @@ def _victim_convex(victim: VictimSpec) -> bool:
     return is_convex(victim.model(max(victim.n_classes(), 2)), victim.train.weight_decay)
 
 
+def _own_method_only(spec_json: dict) -> dict:
+    """A spec without the settings table of the other attack (a KKT cell does not run the
+    bilevel engine, so a new bilevel setting must not rerun it, and vice versa)."""
+    other = {"bilevel": "kkt", "kkt": "bilevel"}.get(spec_json.get("method"))
+    return {k: v for k, v in spec_json.items() if k != other}
+
+
+def _resolved_bilevel(table: dict, convex: bool) -> dict:
+    """A bilevel spec's table as it runs: the engine "auto" picks, and the amortized adjoint's
+    solver (``bilevel.solver_for``), which the implicit engine does not use and so leaves out.
+    A table saved before the solver was a setting ran CG."""
+    engine = bilevel.engine_for(table.get("engine", "auto"), convex)
+    table = {**table, "engine": engine}
+    solver = table.pop("adjoint_solver", "cg")
+    if engine == "amortized":
+        table["adjoint_solver"] = bilevel.solver_for(solver, convex)
+    return table
+
+
 def _with_legacy_engine(spec_json: dict, convex: bool) -> dict:
-    """A saved bilevel spec whose engine is still the setting "auto" (saved before keys held the
-    engine that ran), with the engine "auto" picked then: amortized for a convex inner problem,
-    implicit otherwise."""
+    """A saved spec as ``cell_key`` builds one now: only its own attack's settings table, and for
+    a bilevel spec the engine and adjoint solver that ran (``_resolved_bilevel``). A bilevel
+    engine still saved as the setting "auto" (before keys held the engine that ran) is the one
+    "auto" picked then: amortized for a convex inner problem, implicit otherwise."""
+    spec_json = _own_method_only(spec_json)
     table = spec_json.get("bilevel") or {}
-    if spec_json.get("method") != "bilevel" or table.get("engine") != "auto":
+    if spec_json.get("method") != "bilevel":
         return spec_json
-    return {**spec_json, "bilevel": {**table, "engine": "amortized" if convex else "implicit"}}
+    if table.get("engine") == "auto":
+        table = {**table, "engine": "amortized" if convex else "implicit"}
+    return {**spec_json, "bilevel": _resolved_bilevel(table, convex)}
 
 
 def reusable(saved: dict | None, config: StudyConfig, cell: Cell) -> bool:
     """Whether a saved cell.json holds this cell's result: its key equals ``cell_key``, in which
     a bilevel spec names the engine that runs (so "auto" and the engine it picks are the same
-    cell). Cells from before keys are compared by spec; cells from before the engine was
-    resolved in the key, by the engine "auto" picked then (``_with_legacy_engine``)."""
+    cell) and a spec holds only its own attack's settings. Cells from before keys are compared
+    by spec; saved specs are normalised the same way first (``_with_legacy_engine``)."""
     if saved is None:
         return False
     key = cell_key(config, cell)

@@ -142,26 +142,39 @@ def small_run():
     return problem, config, x0, hyper
 
 
-def test_vmap_equals_a_loop_of_single_runs(small_run):
+@pytest.mark.parametrize("engine", ["implicit", "amortized"])
+def test_vmap_equals_a_loop_of_single_runs(small_run, engine):
+    """Up to reassociation: float64 round-off for the implicit engine; the amortized engine's
+    float32 Hessian products (``product_precision``) round differently when batched."""
     problem, config, x0, hyper = small_run
+    config = dataclasses.replace(config, engine=engine)
+    rtol, atol = (1e-9, 1e-12) if engine == "implicit" else (1e-6, 1e-8)
     states, history, final = _batched(problem, config, x0, hyper)
     for k in range(4):
         h = jax.tree_util.tree_map(lambda a: a[k], hyper)
         state, record = jax.jit(lambda s: bilevel.run_steps(config, problem, h, s, config.steps))(
             bilevel.init_state(config, problem, x0[k]))
-        np.testing.assert_allclose(states.images[k], state.images, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(history["outer_loss"][k], record["outer_loss"], rtol=1e-9)
+        np.testing.assert_allclose(states.images[k], state.images, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(history["outer_loss"][k], record["outer_loss"], rtol=rtol)
     assert history["outer_loss"].shape == (4, 6) and final["outer_loss"].shape == (4,)
     assert np.all(final["outer_loss"] < history["outer_loss"][:, 0])
 
 
-def test_chunks_and_segments_do_not_change_results(small_run):
+@pytest.mark.parametrize("engine", ["implicit", "amortized"])
+def test_chunks_and_segments_do_not_change_results(small_run, engine):
+    """Tolerances as in the vmap test: a batch of 3 rounds float32 products unlike one of 4."""
     problem, config, x0, hyper = small_run
+    config = dataclasses.replace(config, engine=engine)
+    rtol, atol = (1e-9, 1e-12) if engine == "implicit" else (1e-6, 1e-8)
     whole = _batched(problem, config, x0, hyper)
     chunked = _batched(problem, config, x0, hyper, chunk_size=3, segment=4)  # last chunk padded
-    np.testing.assert_allclose(chunked[0].images, whole[0].images, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(chunked[0].images, whole[0].images, rtol=rtol, atol=atol)
     for name in whole[1]:
-        np.testing.assert_allclose(chunked[1][name], whole[1][name], rtol=1e-9, atol=1e-12)
+        # The amortized record's ‖∇_θL‖ comes from the float32 linearisation: a diagnostic whose
+        # own round-off (≈1e-7 of the gradient's scale) is a large part of a converged value.
+        loose = engine == "amortized" and name == "inner_grad_norm"
+        np.testing.assert_allclose(chunked[1][name], whole[1][name], rtol=1e-2 if loose else rtol, atol=atol,
+                                   err_msg=name)
 
 
 def test_a_diverging_initialisation_is_flagged_and_isolated(small_run):
@@ -234,7 +247,8 @@ def test_chunk_size_follows_free_memory_and_refuses_what_cannot_fit(monkeypatch)
         batching.auto_chunk_size(n_inits=1, bytes_per_init=2_000_000)
 
 
-def test_amortized_hypergradient_converges_to_the_exact_one_as_the_budget_grows():
+@pytest.mark.parametrize("solver", ["cg", "minres"])
+def test_amortized_hypergradient_converges_to_the_exact_one_as_the_budget_grows(solver):
     """Arbel & Mairal's amortized hypergradient: inexact at a small budget, exact in the limit.
     From θ*, v = 0 at images away from the truth, k Newton steps of c CG iterations and c adjoint
     CG iterations approach the implicit-differentiation hypergradient (tight tolerances). The
@@ -247,7 +261,8 @@ def test_amortized_hypergradient_converges_to_the_exact_one_as_the_budget_grows(
     errors = []
     for newton_steps, budget in ((1, 2), (2, 8), (6, 400)):
         config = bilevel.BilevelConfig(newton_steps=newton_steps, newton_cg=budget, adjoint_cg=budget, engine="amortized",
-                                       product_precision="full", inner=InnerConfig(cg_ridge=0.0, cg_tol=1e-15))
+                                       adjoint_solver=solver, product_precision="full",
+                                       inner=InnerConfig(cg_ridge=0.0, cg_tol=1e-15))
         state = bilevel.init_state(config, problem, x)
         loss, grad = jax.jit(lambda s: bilevel.amortized_hypergradient(config, problem, hyper, s))(state)
         errors.append(float(jnp.linalg.norm(grad - exact) / jnp.linalg.norm(exact)))
@@ -367,12 +382,15 @@ def test_engine_config_errors_name_the_fix():
         bilevel.BilevelConfig(schedule="linear")
 
 
-def test_auto_engine_is_amortized_for_convex_inner_problems_only(small_run):
+def test_auto_engine_is_amortized_with_cg_for_convex_and_minres_for_other_inner_problems(small_run):
     problem = small_run[0]
     auto = bilevel.BilevelConfig()
-    assert auto.engine == "auto"
-    assert bilevel.resolve_engine(auto, problem) == "implicit"
+    assert auto.engine == "auto" and auto.adjoint_solver == "auto"
+    assert bilevel.resolve_engine(auto, problem) == "amortized"
     assert bilevel.resolve_engine(auto, problem.replace(convex=True)) == "amortized"
+    assert bilevel.solver_for(auto.adjoint_solver, problem.convex) == "minres"
+    assert bilevel.solver_for(auto.adjoint_solver, True) == "cg"
+    assert bilevel.solver_for("cg", False) == "cg"
     assert bilevel.resolve_engine(bilevel.BilevelConfig(engine="implicit"), problem.replace(convex=True)) == "implicit"
 
 

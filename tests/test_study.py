@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -263,9 +264,11 @@ def test_cell_key_records_the_engine_that_runs():
     assert study.cell_key(explicit["amortized"], affine) == study.cell_key(config, affine)  # auto = what it picks
     assert study.cell_key(explicit["implicit"], affine) != study.cell_key(config, affine)
 
-    def legacy(cell, cfg=config):  # a cell.json written while the key held the setting
+    def legacy(cell, cfg=config):  # a cell.json written while the key held the setting (and both tables)
         key = study.cell_key(cfg, cell)
-        key["spec"]["bilevel"]["engine"] = cfg.spec(cell).bilevel.engine
+        spec = cfg.spec(cell)
+        key["spec"]["bilevel"] = {**key["spec"].get("bilevel", {}), "engine": spec.bilevel.engine}
+        key["spec"].setdefault("kkt", None if spec.kkt is None else dataclasses.asdict(spec.kkt))
         return {"key": key}
 
     mlp_auto_was_implicit = bilevel.engine_for("auto", convex=False) == "implicit"
@@ -278,3 +281,50 @@ def test_cell_key_records_the_engine_that_runs():
     assert study.reusable({"spec": legacy(affine)["key"]["spec"]}, config, affine)
     assert study.reusable({"spec": legacy(mlp)["key"]["spec"]}, config, mlp) == mlp_auto_was_implicit
     assert not study.reusable(None, config, mlp)
+
+
+def test_cell_key_records_the_adjoint_solver_that_runs():
+    """The amortized engine's adjoint solver is in the key as it runs ("auto": CG for a convex
+    inner problem, MINRES otherwise); the implicit engine does not use it, so its key leaves it
+    out and its cells stay reusable. A cell saved before the solver was a setting ran CG: it is
+    reused where CG runs now, and rerun where MINRES does."""
+    from recon_jax import bilevel
+
+    raw = {**TINY, "victims": {"affine": {"model": "affine"}, "mlp": {"hidden": [4], "activation": "gelu"}}}
+    configs = {(engine, solver): studyconfig.config_from_dict(studyconfig.apply_overrides(
+        raw, [f'methods.bilevel.bilevel.engine="{engine}"', f'methods.bilevel.bilevel.adjoint_solver="{solver}"']))
+        for engine in ("amortized", "implicit") for solver in bilevel.ADJOINT_SOLVERS}
+    cells = {c.victim: c for c in configs["amortized", "auto"].cells() if c.method == "bilevel" and c.init == "gaussian:0.1"}
+    table = lambda engine, solver, victim: study.cell_key(configs[engine, solver], cells[victim])["spec"]["bilevel"]
+    assert table("amortized", "auto", "affine")["adjoint_solver"] == "cg"
+    assert table("amortized", "auto", "mlp")["adjoint_solver"] == "minres"
+    assert "adjoint_solver" not in table("implicit", "minres", "mlp")
+    assert len({json.dumps(table("implicit", s, "mlp"), sort_keys=True) for s in bilevel.ADJOINT_SOLVERS}) == 1
+
+    def saved_before_the_setting(engine, victim):
+        key = study.cell_key(configs[engine, "cg"], cells[victim])
+        key["spec"]["bilevel"].pop("adjoint_solver", None)
+        return {"key": key}
+
+    for solver in bilevel.ADJOINT_SOLVERS:
+        assert study.reusable(saved_before_the_setting("implicit", "mlp"), configs["implicit", solver], cells["mlp"])
+        assert study.reusable(saved_before_the_setting("amortized", "mlp"), configs["amortized", solver],
+                              cells["mlp"]) == (solver == "cg")
+        assert study.reusable(saved_before_the_setting("amortized", "affine"), configs["amortized", solver],
+                              cells["affine"]) == (solver != "minres")
+
+
+def test_a_cell_key_holds_only_its_own_attacks_settings():
+    """A new or changed bilevel setting does not rerun KKT cells, nor a KKT setting bilevel cells,
+    including cells saved while keys held both tables."""
+    config = studyconfig.config_from_dict(TINY)
+    kkt_cell = next(c for c in config.cells() if c.method == "kkt")
+    bilevel_cell = next(c for c in config.cells() if c.method == "bilevel")
+    assert "bilevel" not in study.cell_key(config, kkt_cell)["spec"]
+    assert "kkt" not in study.cell_key(config, bilevel_cell)["spec"]
+    for cell, other, table in ((kkt_cell, "bilevel", {"engine": "auto", "steps": 1000, "made_up_old_field": 1}),
+                               (bilevel_cell, "kkt", {"made_up_old_field": 1})):
+        key = study.cell_key(config, cell)
+        saved = {"key": {**key, "spec": {**key["spec"], other: table}}}
+        assert study.reusable(saved, config, cell)
+        assert study.reusable({"spec": saved["key"]["spec"]}, config, cell)
