@@ -411,7 +411,7 @@ def benchmark_amortized(victim: dict, sizes: dict, grad_seconds: float, repeats:
     errors here are those of the carried state before any refresh at that step (its worst case).
     """
     problem, labels = victim["problem"], victim["labels"]
-    config = bilevel.BilevelConfig(engine="amortized")  # also for the gelu victim, where "auto" picks implicit
+    config = bilevel.BilevelConfig(engine="amortized")  # what "auto" runs, for both victims
     hyper = scalar_hyper()
     x0 = initial_guesses(1, labels)[0]
     run = jax.jit(partial(bilevel.run_steps, config), static_argnums=3)

@@ -10,7 +10,7 @@ survives depends on the engine:
 - the implicit engine and KKT: the step is a smooth function of its inputs, so a last-bit
   difference stays at round-off level (the sharding test holds the implicit engine to
   bitwise equality at 1 and 8 devices, ``tests/test_sharding.py``);
-- the amortized engine (affine victims under ``--engine auto``) takes discrete decisions at
+- the amortized engine (every victim under ``--engine auto``) takes discrete decisions at
   round-off level: the masked CG stops when ‖r‖ ≤ tol·‖b‖ and the Armijo test accepts the
   first α ∈ {1, ½, ¼, ⅛} with L(θ + αd) ≤ L(θ) + c α ∇Lᵀd. A decision that flips changes
   the next images by far more than a bit, and a non-convex outer problem then amplifies it.

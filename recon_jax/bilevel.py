@@ -237,7 +237,9 @@ class Problem:
     """What the attacker knows: θ*, the labels y (N,), and the inner objective L(θ; x, y).
 
     ``convex``: the inner problem is strongly convex in θ (an affine victim with weight decay),
-    which decides the engine when ``BilevelConfig.engine == "auto"``.
+    which picks the amortized adjoint's solver when ``BilevelConfig.adjoint_solver == "auto"``
+    (CG if convex, MINRES otherwise; ``solver_for``). False is always safe: MINRES also solves
+    a positive definite system.
     """
 
     victim_params: dict
