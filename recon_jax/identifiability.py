@@ -89,6 +89,7 @@ POINT_COLUMNS = (
 TRANSITION_COLUMNS = (
     "method", "arch", "init", "weight_decay", "n_points", "ratio_min", "ratio_max", "threshold", "transition",
     "transition_low", "transition_high", "level", "replicates_crossing", "note",
+    "transition_n_train", "transition_n_train_low", "transition_n_train_high",
 )
 
 
@@ -487,14 +488,25 @@ def curves(points: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def transitions(points: list[dict], *, threshold: float = AUC_THRESHOLD, level: float = DEFAULT_LEVEL) -> list[dict]:
-    """One row per curve: ``TRANSITION_COLUMNS`` (``curve_transition``)."""
+    """One row per curve: ``TRANSITION_COLUMNS`` (``curve_transition``).
+
+    The same crossing in training images: a curve holds one architecture on one dataset, so
+    N = (N·D/P)·P/D with one P/D, and interpolating linearly in log N·D/P is interpolating in
+    log N: ``transition_n_train`` = transition·P/D (and its interval likewise). NaN where the
+    curve's points disagree on P/D (they should not)."""
     rows = []
     for (method, arch, init, weight_decay), members in curves(points).items():
         ratios = np.asarray([p["unknowns_per_param"] for p in members], np.float64)
         aucs = np.asarray([p["auc"] for p in members], np.float64)
         replicates = np.stack([p["replicates"] for p in members])
-        rows.append({"method": method, "arch": arch, "init": init, "weight_decay": weight_decay,
-                     **curve_transition(ratios, aucs, replicates, threshold=threshold, level=level)})
+        row = {"method": method, "arch": arch, "init": init, "weight_decay": weight_decay,
+               **curve_transition(ratios, aucs, replicates, threshold=threshold, level=level)}
+        per_image = np.asarray([p["n_train"] / p["unknowns_per_param"] if p.get("n_train") else np.nan
+                                for p in members], np.float64)  # P/D, one value per curve
+        scale = per_image[0] if np.allclose(per_image, per_image[0], rtol=1e-9) else np.nan
+        for suffix in ("", "_low", "_high"):
+            row[f"transition_n_train{suffix}"] = float(row[f"transition{suffix}"] * scale)
+        rows.append(row)
     return rows
 
 
@@ -544,11 +556,13 @@ def _figures(points: list[dict], fig_dir: Path, threshold: float, level: float) 
         if not keys:
             continue
         show_wd = len({k[3] for k in keys}) > 1
-        panels = {}
+        panels, by_n = {}, {}
         for key in keys:
             members = by_curve[key]
             x = [p["unknowns_per_param"] for p in members]
             label = _label(key[0], key[1], key[3], show_wd)
+            by_n[label] = {"x": [p["n_train"] for p in members], "y": [p["auc"] for p in members],
+                           "low": [p["auc_low"] for p in members], "high": [p["auc_high"] for p in members]}
             for name, y_key, bounds in (("auc", "auc", True), ("converged", "converged_fraction", False),
                                         ("own_ssim", "own_ssim", False)):
                 curve = {"x": x, "y": [np.nan if p[y_key] is None else p[y_key] for p in members]}
@@ -569,6 +583,13 @@ def _figures(points: list[dict], fig_dir: Path, threshold: float, level: float) 
             figures.curve_panels(fig_dir / file, [{"ylabel": ylabel, "curves": panels[name], "hlines": hlines,
                                                    "ylim": ylim}], ratio_label, logx=True, title=title)
             written.append(file)
+        # The same AUC curves against N alone: do architectures with different P line up in N·D/P or in N?
+        file = f"auc_vs_n_train_{_slug(init)}.png"
+        figures.curve_panels(fig_dir / file, [{"ylabel": "membership AUC (distance)", "curves": by_n,
+                                               "hlines": specs[0][3], "ylim": (0.0, 1.02)}],
+                             "training images N (log)", logx=True,
+                             title=f"init {init}: AUC against N, {level:.0%} bootstrap intervals")
+        written.append(file)
     for init in dict.fromkeys(p["init"] for p in points if p.get("auc_swap") is not None):
         curves_ = {}
         for key, members in by_curve.items():
@@ -628,12 +649,13 @@ def _markdown(studies: list[Path], points: list[dict], rows: list[dict], written
              f"{threshold:g}, interpolated linearly in log N·D/P (– where it does not cross, with the reason); its "
              "interval from the replicate curves (a bound of inf: replicates above the grid; 0: below it).", "",
              "## Transitions", "", "| method | arch | init | weight decay | points | N·D/P range | transition | "
-             "interval | replicates crossing | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "interval | as N (images) | replicates crossing | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['arch']} | {r['init']} | {fmt(r['weight_decay'])} | {r['n_points']} | "
                      f"{fmt(r['ratio_min'])}–{fmt(r['ratio_max'])} | {fmt(r['transition'])} | "
-                     f"[{fmt(r['transition_low'])}, {fmt(r['transition_high'])}] | {fmt(r['replicates_crossing'])} | "
-                     f"{r['note']} |")
+                     f"[{fmt(r['transition_low'])}, {fmt(r['transition_high'])}] | "
+                     f"{fmt(r['transition_n_train'])} [{fmt(r['transition_n_train_low'])}, "
+                     f"{fmt(r['transition_n_train_high'])}] | {fmt(r['replicates_crossing'])} | {r['note']} |")
     lines += ["", "## Points", "", "AUC swap: the swap test on the best run (`recon_jax.swap`), Δ(p) = "
               "min_j f(x̂ with slot j ← p) − f(x̂) over the slots of p's class, score −Δ; interval over the candidate "
               "images (– where not computed: `recon-jax identifiability --swap`).", "",

@@ -219,9 +219,14 @@ def test_weight_decay_groups_and_figures(tmp_path):
     assert by_wd[1e-3]["n_points"] == 3 and by_wd[1e-3]["transition"] == pytest.approx(
         math.exp(math.log(1280 / 650) + (0.9 - 0.75) / 0.3 * math.log(5 / 2)))
     assert by_wd[1e-4]["n_points"] == 1 and math.isnan(by_wd[1e-4]["transition"])
+    # The crossing in images: N = (N·D/P)·P/D, here P/D = 650/64, the same interpolation in log N.
+    assert by_wd[1e-3]["transition_n_train"] == pytest.approx(by_wd[1e-3]["transition"] * 650 / 64)
+    assert by_wd[1e-3]["transition_n_train"] == pytest.approx(math.exp(math.log(20) + (0.9 - 0.75) / 0.3 * math.log(5 / 2)))
+    assert by_wd[1e-3]["transition_n_train_low"] <= by_wd[1e-3]["transition_n_train"] <= by_wd[1e-3]["transition_n_train_high"]
     written = identifiability._figures(points, tmp_path, 0.75, 0.95)
     assert set(written) == {"auc_vs_unknowns_gaussian=0.1.png", "converged_vs_unknowns_gaussian=0.1.png",
-                            "own_ssim_vs_unknowns_gaussian=0.1.png", "weight_decay_gaussian=0.1.png"}
+                            "own_ssim_vs_unknowns_gaussian=0.1.png", "weight_decay_gaussian=0.1.png",
+                            "auc_vs_n_train_gaussian=0.1.png"}
     assert all((tmp_path / name).stat().st_size > 1000 for name in written)
 
 
