@@ -80,18 +80,21 @@ def as_float(text: str) -> float:
         return math.nan
 
 
-def engine_of(row: dict) -> str:
-    """The engine a cell ran: KKT, or the bilevel engine ``--engine auto`` picks for its victim."""
+def engine_of(row: dict, study: Path) -> str:
+    """The engine a cell ran, as its key in ``study``'s cells/<cell>/cell.json records it: KKT, or
+    bilevel/<engine> (with the amortized engine's adjoint solver)."""
     if row["method"] != "bilevel":
         return row["method"]
-    return "bilevel/amortized" if row["victim"].startswith("affine") else "bilevel/implicit"
+    table = json.loads((study / "cells" / row["cell"] / "cell.json").read_text())["key"]["spec"]["bilevel"]
+    solver = table.get("adjoint_solver")
+    return f"bilevel/{table['engine']}" + (f"/{solver}" if solver else "")
 
 
-def compare(reference: dict, other: dict, noise: dict) -> list[dict]:
+def compare(reference: dict, other: dict, noise: dict, study: Path) -> list[dict]:
     rows = []
     for cell, ref in reference.items():
         oth, noi = other[cell], noise.get(cell, {})
-        row = {"cell": cell, "engine": engine_of(ref), "identical": ref == {**oth, "cell": ref["cell"]}}
+        row = {"cell": cell, "engine": engine_of(ref, study), "identical": ref == {**oth, "cell": ref["cell"]}}
         for name in FIGURES:
             a, b = as_float(ref[name]), as_float(oth[name])
             row[name] = abs(a - b)
@@ -120,14 +123,14 @@ def main(argv=None) -> int:
     reference = read_summary(out / "1-device" / "summary.csv")
     other = read_summary(out / f"{args.devices}-devices" / "summary.csv")
     noise = read_summary(out / "1-device-seed1" / "summary.csv")
-    rows = compare(reference, other, noise)
+    rows = compare(reference, other, noise, out / "1-device")
 
     print(f"\n1 device vs {args.devices} devices, per cell (|Δ| of the figure; in brackets the same figure's "
           f"|Δ| between seeds 0 and 1 on 1 device)")
-    print(f"{'cell':34s} {'engine':18s} {'|ΔAUC|':>16s} {'|Δown-SSIM|':>16s} {'Δloss/loss':>11s}  differing columns")
+    print(f"{'cell':34s} {'engine':25s} {'|ΔAUC|':>16s} {'|Δown-SSIM|':>16s} {'Δloss/loss':>11s}  differing columns")
     for r in rows:
         columns = "identical" if r["identical"] else ", ".join(r["differing_columns"])
-        print(f"{r['cell']:34s} {r['engine']:18s} "
+        print(f"{r['cell']:34s} {r['engine']:25s} "
               f"{r['membership_auc_distance']:7.4f} ({r['membership_auc_distance_seed_noise']:6.3f}) "
               f"{r['own_ssim']:7.4f} ({r['own_ssim_seed_noise']:6.3f}) {r['final_loss_rel']:11.1e}  {columns}")
     worst = {name: max(r[name] for r in rows) for name in FIGURES}
