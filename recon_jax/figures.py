@@ -229,7 +229,8 @@ def curve_panels(path: str | os.PathLike, panels: Sequence[Mapping], xlabel: str
     (optional), "ylim": (lo, hi) (optional)}. Each curve is drawn sorted by x, joined by a
     line; points with a non-finite x or y are left out; ``low``/``high`` (an interval around
     y, e.g. a bootstrap percentile interval) are drawn as error bars where finite. A curve
-    name keeps its colour in every panel. ``logx`` needs x > 0.
+    name keeps its colour and style in every panel; past ten curves the colours repeat with
+    another line style and marker, so that no two curves look alike. ``logx`` needs x > 0.
     """
     if not panels:
         raise ConfigError("curve_panels needs at least one panel, e.g. [{'ylabel': 'AUC', 'curves': {...}}]")
@@ -251,14 +252,16 @@ def curve_panels(path: str | os.PathLike, panels: Sequence[Mapping], xlabel: str
                 raise ConfigError(f"curve {name!r}: logx=True needs x > 0")
             order = np.argsort(arrays["x"][keep], kind="stable")
             curves[name] = {key: a[keep][order] for key, a in arrays.items()}
-            colours.setdefault(name, f"C{len(colours) % 10}")
+            n = len(colours)
+            colours.setdefault(name, (f"C{n % 10}", ("-", "--", ":", "-.")[n // 10 % 4], "os^D"[n // 10 % 4]))
         checked.append((panel, curves))
     fig = _new_figure(4.6 * len(checked) + 0.4, 3.8)
     axes = fig.subplots(1, len(checked), squeeze=False)[0]
     for ax, (panel, curves) in zip(axes, checked):
         for name, c in curves.items():
-            colour = colours[name]
-            ax.plot(c["x"], c["y"], "-o", color=colour, markersize=3.5, linewidth=1.3, label=name)
+            colour, style, marker = colours[name]
+            ax.plot(c["x"], c["y"], linestyle=style, marker=marker, color=colour, markersize=3.5, linewidth=1.3,
+                    label=name)
             if "low" in c and "high" in c:
                 bars = np.isfinite(c["low"]) & np.isfinite(c["high"])
                 if bars.any():
