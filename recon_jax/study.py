@@ -410,7 +410,7 @@ def _resolved_bilevel(table: dict, convex: bool) -> dict:
     return table
 
 
-def _with_legacy_engine(spec_json: dict, convex: bool) -> dict:
+def _saved_spec_as_keyed_now(spec_json: dict, convex: bool) -> dict:
     """A saved spec as ``cell_key`` builds one now: only its own attack's settings table, and for
     a bilevel spec the engine and adjoint solver that ran (``_resolved_bilevel``). A bilevel
     engine still saved as the setting "auto" (before keys held the engine that ran) is the one
@@ -428,15 +428,15 @@ def reusable(saved: dict | None, config: StudyConfig, cell: Cell) -> bool:
     """Whether a saved cell.json holds this cell's result: its key equals ``cell_key``, in which
     a bilevel spec names the engine that runs (so "auto" and the engine it picks are the same
     cell) and a spec holds only its own attack's settings. Cells from before keys are compared
-    by spec; saved specs are normalised the same way first (``_with_legacy_engine``)."""
+    by spec; saved specs are normalised the same way first (``_saved_spec_as_keyed_now``)."""
     if saved is None:
         return False
     key = cell_key(config, cell)
     convex = _victim_convex(config.victims[cell.victim])
     if "key" not in saved:
-        return _with_legacy_engine(_without_devices(saved.get("spec") or {}), convex) == key["spec"]
+        return _saved_spec_as_keyed_now(_without_devices(saved.get("spec") or {}), convex) == key["spec"]
     old = saved["key"]
-    return {**old, "spec": _with_legacy_engine(old.get("spec") or {}, convex)} == key
+    return {**old, "spec": _saved_spec_as_keyed_now(old.get("spec") or {}, convex)} == key
 
 
 class Progress:
