@@ -192,6 +192,12 @@ def _add_attack_args(p, *, sweep: bool) -> None:
     b.add_argument("--adjoint-solver", choices=bilevel.ADJOINT_SOLVERS, default=defaults.adjoint_solver,
                    help="amortized: the adjoint's solver, per step and at the refresh: cg, minres (symmetric "
                         "indefinite H), or auto (default: cg for affine victims, minres with hidden layers)")
+    b.add_argument("--refresh-solver", choices=bilevel.REFRESH_SOLVERS, default=defaults.refresh_solver,
+                   help="amortized: the accurate inner solve at a refresh and at the end: newton (fixed-budget "
+                        "Newton-CG steps, batch-friendly), lbfgs, or auto (default: newton for affine victims, "
+                        "lbfgs with hidden layers)")
+    b.add_argument("--refresh-cg", type=int, default=defaults.refresh_cg,
+                   help=f"amortized, newton refresh: CG iterations per Newton step (default {defaults.refresh_cg})")
     b.add_argument("--product-precision", choices=bilevel.PRODUCT_PRECISIONS, default=defaults.product_precision,
                    help=f"amortized: precision of the Hessian products and the cross-term VJP of a float64 run "
                         f"(gradients, CG recurrences and the update stay float64; default {defaults.product_precision})")
@@ -277,6 +283,7 @@ def _run_attack(args) -> int:
                                            newton_steps=args.newton_steps, newton_cg=args.newton_cg,
                                            adjoint_cg=args.adjoint_cg, adjoint_hessian=args.adjoint_hessian,
                                            adjoint_solver=args.adjoint_solver,
+                                           refresh_solver=args.refresh_solver, refresh_cg=args.refresh_cg,
                                            product_precision=args.product_precision,
                                            refresh_every=args.refresh_every,
                                            schedule=args.schedule, warmup_steps=args.warmup_steps)

@@ -506,6 +506,14 @@ def guarded_newton_step(objective: Callable, params, *args, iterations: int, rid
     stay in θ's. Returns (θ⁺, ‖g‖, CGInfo, α).
     """
     value, grad, hvp = value_gradient_and_hvp(objective, params, *args, product_dtype=product_dtype)
+    new_params, info, alpha = _armijo_newton_update(objective, params, args, value, grad, hvp, iterations=iterations,
+                                                    ridge=ridge, tol=tol, steps=steps, armijo=armijo)
+    return new_params, jnp.sqrt(squared_norm(grad)), info, alpha
+
+
+def _armijo_newton_update(objective: Callable, params, args, value, grad, hvp, *, iterations: int, ridge, tol,
+                          steps: tuple[float, ...], armijo: float):
+    """The body of ``guarded_newton_step`` from L(θ), g and H at θ: (θ⁺, CGInfo, α)."""
     direction, info = conjugate_gradient(hvp, tree_map(jnp.negative, grad), None, iterations=iterations,
                                          ridge=ridge, tol=tol)
     slope = tree_vdot(grad, direction)
@@ -518,4 +526,76 @@ def guarded_newton_step(objective: Callable, params, *args, iterations: int, rid
         negligible & jnp.isfinite(trial))
     # The first accepted α in the (decreasing) list, or 0.
     alpha = jnp.where(jnp.any(accept), alphas[jnp.argmax(accept)], jnp.zeros((), value.dtype))
-    return tree_axpy(alpha, direction, params), jnp.sqrt(squared_norm(grad)), info, alpha
+    return tree_axpy(alpha, direction, params), info, alpha
+
+
+@struct.dataclass
+class MinimizeInfo:
+    """What one ``minimize`` did (scalars; (K,) when vmapped)."""
+
+    steps: jax.Array  # Newton steps taken (int32), each one linearisation and ``cg_iterations`` products
+    linearisations: jax.Array  # linearisations of ∇L (int32): the steps, and the one that found ‖g‖ ≤ tol
+    grad_norm: jax.Array  # ‖∇L(θ)‖ at the returned θ
+    stalled: jax.Array  # bool: stopped at ‖∇L‖ > tol because no step of the line search was accepted
+
+
+def minimize(objective: Callable, params, *args, tol, max_steps: int, cg_iterations: int, ridge: float = 0.0,
+             eta_max: float = 0.5, product_dtype=None) -> tuple[object, MinimizeInfo]:
+    """θ ≈ argmin_θ L(θ; args) to ‖∇L(θ)‖ ≤ ``tol`` by line-searched inexact Newton–CG whose
+    every step has a FIXED budget (a batch-friendly replacement for L-BFGS in accurate solves):
+
+        repeat (at most ``max_steps`` times, while ‖g_k‖ > tol):
+            g_k, H_k = ∇L(θ_k), ∇²L(θ_k)                               one linearisation
+            (H_k + ρI) d ≈ −g_k   by ``cg_iterations`` CG iterations,   masked once ‖H_k d + g_k‖ ≤ η_k‖g_k‖
+            θ_{k+1} = θ_k + α d,  α ∈ {1, ½, ¼, ⅛} the first with Armijo decrease (parallel test)
+        η_k = ``forcing_term``(‖g_k‖, tol) (Nocedal & Wright 2006, eq. 7.3; Dembo, Eisenstat &
+        Steihaug 1982): superlinear convergence near the minimum.
+
+    For a strongly convex L (an affine victim with weight decay) the Armijo-guarded Newton
+    iteration converges globally, and quadratically near θ(x) as η_k → 0. For a non-convex L it
+    is truncated at negative curvature and may stop early (``stalled``), which is why
+    ``recon_jax.bilevel`` uses it for convex inner problems only.
+
+    Why not L-BFGS: under ``vmap`` jaxopt's L-BFGS is a ``while_loop`` over its zoom line search,
+    another ``while_loop``, and XLA selects over the whole solver state at every iteration of
+    either; here the only data-dependent loop is the outer one, its body has fixed length, and
+    K initialisations' products become matrix–matrix products. Measured on 64 gaussian:0.1
+    initialisations of 20 MNIST images (affine, float64, from θ* to ‖g‖ ≤ 1e-10): L-BFGS 31
+    iterations, vmapped 1.50 s against 0.62 s for 64 sequential solves; this, with 5 CG
+    iterations per step, 10 steps, 0.30 s vmapped against 0.25 s sequential
+    (``benchmarks/bilevel.py`` (b) times it inside whole runs).
+
+    ``product_dtype``: the Hessian products' precision (iterative refinement: the gradients,
+    the line search and the stopping test stay in θ's dtype, so the fixed point is the
+    full-precision one). A non-finite step is never accepted. Costs per step: one gradient (two
+    with reduced-precision products), ``cg_iterations`` products, len(LINE_SEARCH_STEPS)
+    forward passes; one more gradient at the end for the returned ‖∇L‖. Returns (θ, MinimizeInfo).
+    """
+    dtype = tree_dtype(params)
+    tol = jnp.asarray(tol, dtype)
+
+    def body(carry):
+        params, steps, _, _ = carry
+        value, grad, hvp = value_gradient_and_hvp(objective, params, *args, product_dtype=product_dtype)
+        grad_norm = jnp.sqrt(squared_norm(grad))
+        converged = grad_norm <= tol
+
+        def move(_):
+            new, _, alpha = _armijo_newton_update(objective, params, args, value, grad, hvp, iterations=cg_iterations,
+                                                  ridge=ridge, tol=forcing_term(grad_norm, tol, eta_max=eta_max),
+                                                  steps=LINE_SEARCH_STEPS, armijo=1e-4)
+            return new, alpha == 0
+
+        # Unbatched, a converged θ skips the CG; under vmap both branches run and are selected.
+        params, stalled = lax.cond(converged, lambda _: (params, jnp.asarray(False)), move, None)
+        return params, steps + (~converged).astype(jnp.int32), converged, stalled
+
+    def cond(carry):
+        _, steps, converged, stalled = carry
+        return ~converged & ~stalled & (steps < max_steps)
+
+    carry = (params, jnp.asarray(0, jnp.int32), jnp.asarray(False), jnp.asarray(False))
+    params, steps, converged, stalled = lax.while_loop(cond, body, carry)
+    grad_norm = jnp.sqrt(squared_norm(jax.grad(objective)(params, *args)))
+    return params, MinimizeInfo(steps=steps, linearisations=steps + converged.astype(jnp.int32), grad_norm=grad_norm,
+                                stalled=stalled & (grad_norm > tol))

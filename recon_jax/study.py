@@ -398,15 +398,24 @@ def _own_method_only(spec_json: dict) -> dict:
     return {k: v for k, v in spec_json.items() if k != other}
 
 
+REFRESH_BUDGETS = ("refresh_cg", "refresh_newton_steps")
+
+
 def _resolved_bilevel(table: dict, convex: bool) -> dict:
-    """A bilevel spec's table as it runs: the engine "auto" picks, and the amortized adjoint's
-    solver (``bilevel.solver_for``), which the implicit engine does not use and so leaves out.
-    A table saved before the solver was a setting ran CG."""
+    """A bilevel spec's table as it runs: the engine "auto" picks, and the amortized engine's
+    adjoint solver (``bilevel.solver_for``) and refresh solver (``bilevel.refresh_solver_for``,
+    with its budgets only where it is Newton), which the implicit engine does not use and so
+    leaves out. A table saved before a solver was a setting ran CG and L-BFGS."""
     engine = bilevel.engine_for(table.get("engine", "auto"), convex)
     table = {**table, "engine": engine}
     solver = table.pop("adjoint_solver", "cg")
+    refresh = table.pop("refresh_solver", "lbfgs")
+    budgets = {name: table.pop(name) for name in REFRESH_BUDGETS if name in table}
     if engine == "amortized":
         table["adjoint_solver"] = bilevel.solver_for(solver, convex)
+        table["refresh_solver"] = bilevel.refresh_solver_for(refresh, convex)
+        if table["refresh_solver"] == "newton":
+            table.update(budgets)
     return table
 
 

@@ -14,7 +14,7 @@ from recon_jax import bilevel, data, newton
 from recon_jax.batching import run_batched
 from recon_jax.errors import ConfigError
 from recon_jax.models import MLP, init_params
-from recon_jax.objectives import make_objective
+from recon_jax.objectives import make_objective, squared_norm
 from recon_jax.solvers import InnerConfig, make_argmin
 from recon_jax.training import TrainConfig, train_victim
 
@@ -142,12 +142,13 @@ def small_run():
     return problem, config, x0, hyper
 
 
-@pytest.mark.parametrize("engine", ["implicit", "amortized"])
-def test_vmap_equals_a_loop_of_single_runs(small_run, engine):
+@pytest.mark.parametrize("engine, refresh", [("implicit", "auto"), ("amortized", "lbfgs"), ("amortized", "newton")])
+def test_vmap_equals_a_loop_of_single_runs(small_run, engine, refresh):
     """Up to reassociation: float64 round-off for the implicit engine; the amortized engine's
-    float32 Hessian products (``product_precision``) round differently when batched."""
+    float32 Hessian products (``product_precision``) round differently when batched. With
+    either refresh solver (the Newton one stops each element at its own tolerance)."""
     problem, config, x0, hyper = small_run
-    config = dataclasses.replace(config, engine=engine)
+    config = dataclasses.replace(config, engine=engine, refresh_solver=refresh)
     rtol, atol = (1e-9, 1e-12) if engine == "implicit" else (1e-6, 1e-8)
     states, history, final = _batched(problem, config, x0, hyper)
     for k in range(4):
@@ -343,6 +344,38 @@ def test_amortized_refresh_runs_at_step_zero_and_every_period_across_segments(sm
     np.testing.assert_array_equal(plain, cost["gradients"])
     assert (whole[1]["cost_gradients"][:, 0] > cost["gradients"]).all()
     assert (whole[1]["refresh_correction"][:, 0] > whole[1]["refresh_correction"][:, 6]).all()
+
+
+def test_newton_refresh_agrees_with_the_lbfgs_refresh_on_a_convex_inner_problem(small_run):
+    """``refresh_solver``: "auto" is Newton–CG for a convex inner problem and L-BFGS otherwise;
+    both re-solve θ to the inner tolerance, so θ agrees to ‖∇L‖/μ (μ = λ_wd), v to the CG
+    tolerance, and so does the final evaluation. The record counts the Newton solve's cost."""
+    problem, config, x0, _ = small_run
+    convex = problem.replace(convex=True)
+    auto = dataclasses.replace(config, engine="amortized")
+    assert bilevel.refresh_solver_for(auto.refresh_solver, True) == "newton"
+    assert bilevel.refresh_solver_for(auto.refresh_solver, False) == "lbfgs"
+    assert bilevel.refresh_solver_for("lbfgs", True) == "lbfgs"
+    state = bilevel.init_state(auto, convex, x0[0])
+    newton_state, newton_record = jax.jit(lambda s: bilevel.refresh(auto, convex, s))(state)
+    lbfgs = dataclasses.replace(auto, refresh_solver="lbfgs")
+    lbfgs_state, lbfgs_record = jax.jit(lambda s: bilevel.refresh(lbfgs, convex, s))(state)
+    flat = lambda tree: ravel_pytree(tree)[0]
+    for name in ("inner_params", "adjoint"):
+        a, b = flat(getattr(newton_state, name)), flat(getattr(lbfgs_state, name))
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-7
+    gradient = jax.grad(convex.objective)(newton_state.inner_params, x0[0], convex.labels)
+    assert float(jnp.sqrt(squared_norm(gradient))) <= 1e-11
+    # Cost: the Newton steps' linearisations (two each with float32 products) + the final gradient
+    # + the adjoint's; their CG budgets + the adjoint CG's products.
+    _, info, gradients, hvps = bilevel.accurate_solve(auto, convex, state.inner_params, x0[0])
+    steps = int(info.iterations)
+    assert steps >= 1 and int(hvps) == steps * auto.refresh_cg
+    assert float(newton_record["refresh_gradients"]) == 2 * (steps + 1) + 1 + 1
+    assert float(newton_record["refresh_hvps"]) > steps * auto.refresh_cg
+    final = {c.refresh_solver: jax.jit(lambda s, c=c: bilevel.evaluate(c, convex, s))(newton_state) for c in (auto, lbfgs)}
+    np.testing.assert_allclose(final["auto"]["outer_loss"], final["lbfgs"]["outer_loss"], rtol=1e-8)
+    assert float(final["auto"]["inner_grad_norm"]) <= 1e-11
 
 
 def test_engines_reach_the_same_images(small_run):

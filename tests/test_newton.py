@@ -96,3 +96,69 @@ def test_minres_under_vmap_equals_a_loop():
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single), rtol=1e-12, atol=1e-14)
         assert int(info.iterations[i]) == int(single_info.iterations)
     assert int(info.iterations[1]) == 1 and int(info.iterations[0]) == 12
+
+
+def _logistic(seed=0, n=40, d=6, classes=3, weight_decay=1e-2):
+    """A strongly convex L(W, b) = mean cross-entropy of softmax(xW + b) + λ/2 ‖(W, b)‖²."""
+    rng = np.random.default_rng(seed)
+    x, y = jnp.asarray(rng.normal(size=(n, d))), jnp.asarray(rng.integers(0, classes, n))
+
+    def objective(params, x, y):
+        logits = x @ params["w"] + params["b"]
+        ce = jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0])
+        return ce + 0.5 * weight_decay * (jnp.sum(params["w"] ** 2) + jnp.sum(params["b"] ** 2))
+
+    start = {"w": jnp.asarray(rng.normal(size=(d, classes))), "b": jnp.zeros(classes)}
+    return objective, start, x, y
+
+
+def test_newton_minimize_reaches_the_tolerance_and_the_minimiser_of_a_strongly_convex_problem():
+    """Inexact Newton–CG with fixed budgets: ‖∇L‖ ≤ tol at the returned θ (the reported norm is
+    the true one there), the same minimiser as a dense Newton iteration, and superlinear
+    convergence where CG can solve the Newton system (21 unknowns, 21 iterations), and still
+    convergence, linear and slower, with a budget of 5."""
+    objective, start, x, y = _logistic()
+    steps = {}
+    for budget in (21, 5):
+        theta, info = newton.minimize(objective, start, x, y, tol=1e-12, max_steps=50, cg_iterations=budget)
+        true_norm = float(jnp.sqrt(newton.squared_norm(jax.grad(objective)(theta, x, y))))
+        np.testing.assert_allclose(float(info.grad_norm), true_norm, rtol=1e-12)
+        assert true_norm <= 1e-12 and not bool(info.stalled)
+        assert int(info.linearisations) == int(info.steps) + 1
+        steps[budget] = int(info.steps)
+    assert 1 <= steps[21] <= 10 and steps[21] < steps[5] < 50
+    # The (unique) minimiser by dense Newton steps on the flattened parameters, from θ = 0.
+    flat, unravel = jax.flatten_util.ravel_pytree(start)
+    flat = jnp.zeros_like(flat)
+    f = lambda v: objective(unravel(v), x, y)
+    for _ in range(30):
+        flat = flat - jnp.linalg.solve(jax.hessian(f)(flat), jax.grad(f)(flat))
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(theta)[0], flat, rtol=1e-9, atol=1e-11)
+    # Already converged: no step, one linearisation.
+    again, info = newton.minimize(objective, theta, x, y, tol=1e-10, max_steps=50, cg_iterations=5)
+    assert int(info.steps) == 0 and int(info.linearisations) == 1
+    np.testing.assert_array_equal(jax.flatten_util.ravel_pytree(again)[0], jax.flatten_util.ravel_pytree(theta)[0])
+
+
+def test_newton_minimize_stops_at_its_step_cap_and_reports_the_norm_there():
+    objective, start, x, y = _logistic(seed=1)
+    theta, info = newton.minimize(objective, start, x, y, tol=1e-14, max_steps=2, cg_iterations=1)
+    assert int(info.steps) == 2 and not bool(info.stalled)
+    true_norm = float(jnp.sqrt(newton.squared_norm(jax.grad(objective)(theta, x, y))))
+    np.testing.assert_allclose(float(info.grad_norm), true_norm, rtol=1e-12)
+    assert true_norm > 1e-14
+
+
+def test_newton_minimize_under_vmap_equals_a_loop():
+    """Each batch element stops at its own tolerance (the converged ones are masked), so the
+    vmapped solve gives every element the θ it gets alone."""
+    objective, start, x, y = _logistic(seed=2)
+    scales = jnp.asarray([0.1, 1.0, 3.0, 10.0])
+    solve = lambda s: newton.minimize(objective, jax.tree_util.tree_map(lambda a: s * a, start), x, y, tol=1e-11,
+                                      max_steps=40, cg_iterations=4)
+    batched, batched_info = jax.vmap(solve)(scales)
+    for i, s in enumerate(scales):
+        alone, info = solve(s)
+        assert int(batched_info.steps[i]) == int(info.steps)
+        for a, b in zip(jax.tree_util.tree_leaves(alone), jax.tree_util.tree_leaves(batched)):
+            np.testing.assert_allclose(b[i], a, rtol=1e-12, atol=1e-14)

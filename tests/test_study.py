@@ -314,6 +314,33 @@ def test_cell_key_records_the_adjoint_solver_that_runs():
                               cells["affine"]) == (solver != "minres")
 
 
+def test_cell_key_records_the_refresh_solver_that_runs():
+    """The amortized engine's refresh solver is in the key as it runs ("auto": Newton for a convex
+    inner problem, L-BFGS otherwise), with the Newton budgets only where Newton runs. A cell
+    saved before the setting ran L-BFGS: it is reused where L-BFGS runs now (hidden layers under
+    "auto", or "lbfgs"), and rerun where Newton does."""
+    from recon_jax import bilevel
+
+    raw = {**TINY, "victims": {"affine": {"model": "affine"}, "mlp": {"hidden": [4], "activation": "gelu"}}}
+    configs = {solver: studyconfig.config_from_dict(studyconfig.apply_overrides(
+        raw, [f'methods.bilevel.bilevel.refresh_solver="{solver}"'])) for solver in bilevel.REFRESH_SOLVERS}
+    cells = {c.victim: c for c in configs["auto"].cells() if c.method == "bilevel" and c.init == "gaussian:0.1"}
+    table = lambda solver, victim: study.cell_key(configs[solver], cells[victim])["spec"]["bilevel"]
+    assert table("auto", "affine")["refresh_solver"] == "newton" and "refresh_cg" in table("auto", "affine")
+    assert table("auto", "mlp")["refresh_solver"] == "lbfgs" and "refresh_cg" not in table("auto", "mlp")
+    assert table("auto", "mlp") == table("lbfgs", "mlp")
+
+    def saved_before_the_setting(victim):
+        key = study.cell_key(configs["lbfgs"], cells[victim])
+        for name in ("refresh_solver", *study.REFRESH_BUDGETS):
+            key["spec"]["bilevel"].pop(name, None)
+        return {"key": key}
+
+    for solver in bilevel.REFRESH_SOLVERS:
+        assert study.reusable(saved_before_the_setting("mlp"), configs[solver], cells["mlp"]) == (solver != "newton")
+        assert study.reusable(saved_before_the_setting("affine"), configs[solver], cells["affine"]) == (solver == "lbfgs")
+
+
 def test_a_cell_key_holds_only_its_own_attacks_settings():
     """A new or changed bilevel setting does not rerun KKT cells, nor a KKT setting bilevel cells,
     including cells saved while keys held both tables."""
