@@ -485,22 +485,40 @@ def benchmark_amortized(victim: dict, sizes: dict, grad_seconds: float, repeats:
 # --------------------------------------------------------------------------- (b)
 
 
+def vmap_setting(sizes: dict):
+    """(b)'s problem: (victim, x0 (K, N, 28, 28, 1), hyper (K,)) for the affine victim."""
+    victim = load_victim(sizes["n_per_class_b"], ())
+    k = sizes["k_inits"]
+    return victim, initial_guesses(k, victim["labels"]), scalar_hyper(k)
+
+
+def single_run_functions(config: bilevel.BilevelConfig, problem: bilevel.Problem, steps: int):
+    """The single-initialisation (init, run, finish) that ``run_batched`` vmaps, and ``single``:
+    one whole run (init → ``steps`` steps → evaluate) as one jitted program, the sequential baseline."""
+    init = lambda x, h: bilevel.init_state(config, problem, x)
+    run = lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i)
+    finish = lambda s, h: bilevel.evaluate(config, problem, s)
+
+    @jax.jit
+    def single(x, h):
+        final_state, _ = run(init(x, h), h, steps)
+        return final_state, finish(final_state, h)
+
+    return init, run, finish, single
+
+
 def benchmark_vmap(sizes: dict) -> dict:
     """(b): K vmapped initialisations in one run_batched call vs K sequential single runs."""
-    victim = load_victim(sizes["n_per_class_b"], ())
+    victim, x0, hyper = vmap_setting(sizes)
     problem, labels = victim["problem"], victim["labels"]
     k, steps = sizes["k_inits"], sizes["steps_b"]
-    x0 = initial_guesses(k, labels)
-    hyper = scalar_hyper(k)
     out = {"victim": victim["name"], "n_images": int(len(labels)), "k_inits": k, "steps": steps, "backends": {}}
     variants = [("amortized", bilevel.BilevelConfig(steps=steps, engine="amortized"))]
     variants += [(f"implicit/{backend}", bilevel.BilevelConfig(steps=steps, engine="implicit",
                                                                inner=InnerConfig(backend=backend)))
                  for backend in sizes["backends_b"]]
     for backend, config in variants:
-        init = lambda x, h: bilevel.init_state(config, problem, x)
-        run = lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i)
-        finish = lambda s, h: bilevel.evaluate(config, problem, s)
+        init, run, finish, single = single_run_functions(config, problem, steps)
 
         # One run_batched call: its wall time includes tracing and compiling its programs,
         # because run_batched builds fresh jax.jit(jax.vmap(...)) wrappers on every call.
@@ -521,11 +539,6 @@ def benchmark_vmap(sizes: dict) -> dict:
                                          repeats=sizes["exec_repeats_b"], warmup=False)
 
         # Sequential: one single-initialisation program, compiled once, called K times.
-        @jax.jit
-        def single(x, h):
-            final_state, _ = run(init(x, h), h, steps)
-            return final_state, finish(final_state, h)
-
         one_hyper = jax.tree_util.tree_map(lambda a: a[0], hyper)
         _, single_compile_seconds = timed(single, x0[0], one_hyper)
         sequential_times = []
@@ -594,24 +607,14 @@ def sharded_vmap(sizes: dict) -> dict:
     """(b) with the batch sharded over every local device (``batching.placement``, as
     ``--devices`` runs it) against the same K sequential single runs on the first device, both
     timed in this process. Execution only (each program compiled by a first call)."""
-    victim = load_victim(sizes["n_per_class_b"], ())
-    problem, labels = victim["problem"], victim["labels"]
+    victim, x0, hyper = vmap_setting(sizes)
     k, steps = sizes["k_inits"], sizes["steps_b"]
-    x0, hyper = initial_guesses(k, labels), scalar_hyper(k)
     config = bilevel.BilevelConfig(steps=steps, engine="amortized")
-    init = lambda x, h: bilevel.init_state(config, problem, x)
-    run = lambda s, h, n, i=0: bilevel.run_steps(config, problem, h, s, n, i)
-    finish = lambda s, h: bilevel.evaluate(config, problem, s)
+    init, run, finish, single = single_run_functions(config, victim["problem"], steps)
     where = batching.placement()
     program = batching.batched_program(init, run, finish, where)
     xs, hs = where.put(x0), where.put(hyper)
     sharded = lambda: program.finish(program.run(program.init(xs, hs), hs, steps, 0)[0], hs)
-
-    @jax.jit
-    def single(x, h):
-        final_state, _ = run(init(x, h), h, steps)
-        return final_state, finish(final_state, h)
-
     one_hyper = jax.tree_util.tree_map(lambda a: a[0], hyper)
     block(sharded()), block(single(x0[0], one_hyper))
     repeats = sizes["exec_repeats_b"] + 1

@@ -558,10 +558,8 @@ def accurate_solve(config: BilevelConfig, problem: Problem, params, images: jax.
     params, info = minimize(problem.objective, lax.stop_gradient(params), lax.stop_gradient(images), labels,
                             tol=inner.tol, max_steps=config.refresh_newton_steps, cg_iterations=config.refresh_cg,
                             ridge=inner.cg_ridge, product_dtype=low)
-    per_linearisation = 2 if lowers_precision(low, tree_dtype(params)) else 1
-    gradients = info.linearisations * per_linearisation + 1
     inner_info = InnerInfo(iterations=info.steps, grad_norm=info.grad_norm, failed_linesearch=info.stalled)
-    return params, inner_info, gradients, info.steps * config.refresh_cg
+    return params, inner_info, info.gradients, info.steps * config.refresh_cg
 
 
 def refresh(config: BilevelConfig, problem: Problem, state: OuterState):

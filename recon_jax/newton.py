@@ -512,7 +512,7 @@ def guarded_newton_step(objective: Callable, params, *args, iterations: int, rid
 
 
 def _armijo_newton_update(objective: Callable, params, args, value, grad, hvp, *, iterations: int, ridge, tol,
-                          steps: tuple[float, ...], armijo: float):
+                          steps: tuple[float, ...] = LINE_SEARCH_STEPS, armijo: float = 1e-4):
     """The body of ``guarded_newton_step`` from L(θ), g and H at θ: (θ⁺, CGInfo, α)."""
     direction, info = conjugate_gradient(hvp, tree_map(jnp.negative, grad), None, iterations=iterations,
                                          ridge=ridge, tol=tol)
@@ -534,7 +534,9 @@ class MinimizeInfo:
     """What one ``minimize`` did (scalars; (K,) when vmapped)."""
 
     steps: jax.Array  # Newton steps taken (int32), each one linearisation and ``cg_iterations`` products
-    linearisations: jax.Array  # linearisations of ∇L (int32): the steps, and the one that found ‖g‖ ≤ tol
+    gradients: jax.Array  # evaluations of ∇L (int32): one per linearisation (two with reduced-precision
+    #                       products), the steps' and the one that found ‖g‖ ≤ tol, plus one at the
+    #                       returned θ where the loop stopped unconverged
     grad_norm: jax.Array  # ‖∇L(θ)‖ at the returned θ
     stalled: jax.Array  # bool: stopped at ‖∇L‖ > tol because no step of the line search was accepted
 
@@ -569,33 +571,38 @@ def minimize(objective: Callable, params, *args, tol, max_steps: int, cg_iterati
     the line search and the stopping test stay in θ's dtype, so the fixed point is the
     full-precision one). A non-finite step is never accepted. Costs per step: one gradient (two
     with reduced-precision products), ``cg_iterations`` products, len(LINE_SEARCH_STEPS)
-    forward passes; one more gradient at the end for the returned ‖∇L‖. Returns (θ, MinimizeInfo).
+    forward passes; one more gradient at the end for the returned ‖∇L‖ where the loop stopped
+    unconverged (``MinimizeInfo.gradients`` counts them all). Returns (θ, MinimizeInfo).
     """
     dtype = tree_dtype(params)
     tol = jnp.asarray(tol, dtype)
 
     def body(carry):
-        params, steps, _, _ = carry
+        params, steps, _, _, _ = carry
         value, grad, hvp = value_gradient_and_hvp(objective, params, *args, product_dtype=product_dtype)
         grad_norm = jnp.sqrt(squared_norm(grad))
         converged = grad_norm <= tol
 
         def move(_):
             new, _, alpha = _armijo_newton_update(objective, params, args, value, grad, hvp, iterations=cg_iterations,
-                                                  ridge=ridge, tol=forcing_term(grad_norm, tol, eta_max=eta_max),
-                                                  steps=LINE_SEARCH_STEPS, armijo=1e-4)
+                                                  ridge=ridge, tol=forcing_term(grad_norm, tol, eta_max=eta_max))
             return new, alpha == 0
 
         # Unbatched, a converged θ skips the CG; under vmap both branches run and are selected.
         params, stalled = lax.cond(converged, lambda _: (params, jnp.asarray(False)), move, None)
-        return params, steps + (~converged).astype(jnp.int32), converged, stalled
+        return params, steps + (~converged).astype(jnp.int32), converged, stalled, grad_norm
 
     def cond(carry):
-        _, steps, converged, stalled = carry
+        _, steps, converged, stalled, _ = carry
         return ~converged & ~stalled & (steps < max_steps)
 
-    carry = (params, jnp.asarray(0, jnp.int32), jnp.asarray(False), jnp.asarray(False))
-    params, steps, converged, stalled = lax.while_loop(cond, body, carry)
-    grad_norm = jnp.sqrt(squared_norm(jax.grad(objective)(params, *args)))
-    return params, MinimizeInfo(steps=steps, linearisations=steps + converged.astype(jnp.int32), grad_norm=grad_norm,
+    carry = (params, jnp.asarray(0, jnp.int32), jnp.asarray(False), jnp.asarray(False), jnp.asarray(jnp.inf, dtype))
+    params, steps, converged, stalled, grad_norm = lax.while_loop(cond, body, carry)
+    # A converged loop measured ‖∇L‖ at the θ it returns (its last body did not move); otherwise
+    # the last measurement is one step old, and one more gradient gives the norm at θ.
+    grad_norm = lax.cond(converged, lambda _: grad_norm,
+                         lambda _: jnp.sqrt(squared_norm(jax.grad(objective)(params, *args))), None)
+    per_linearisation = 2 if lowers_precision(product_dtype, dtype) else 1
+    gradients = (steps + converged.astype(jnp.int32)) * per_linearisation + (~converged).astype(jnp.int32)
+    return params, MinimizeInfo(steps=steps, gradients=gradients, grad_norm=grad_norm,
                                 stalled=stalled & (grad_norm > tol))

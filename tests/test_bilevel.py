@@ -366,12 +366,13 @@ def test_newton_refresh_agrees_with_the_lbfgs_refresh_on_a_convex_inner_problem(
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-7
     gradient = jax.grad(convex.objective)(newton_state.inner_params, x0[0], convex.labels)
     assert float(jnp.sqrt(squared_norm(gradient))) <= 1e-11
-    # Cost: the Newton steps' linearisations (two each with float32 products) + the final gradient
-    # + the adjoint's; their CG budgets + the adjoint CG's products.
+    # Cost: the Newton steps' linearisations and the converged check (two gradients each with
+    # float32 products) + the adjoint's linearisation; their CG budgets + the adjoint CG's products.
     _, info, gradients, hvps = bilevel.accurate_solve(auto, convex, state.inner_params, x0[0])
     steps = int(info.iterations)
     assert steps >= 1 and int(hvps) == steps * auto.refresh_cg
-    assert float(newton_record["refresh_gradients"]) == 2 * (steps + 1) + 1 + 1
+    assert int(gradients) == 2 * (steps + 1)  # float32 products: two gradients a linearisation, converged
+    assert float(newton_record["refresh_gradients"]) == 2 * (steps + 1) + 1
     assert float(newton_record["refresh_hvps"]) > steps * auto.refresh_cg
     final = {c.refresh_solver: jax.jit(lambda s, c=c: bilevel.evaluate(c, convex, s))(newton_state) for c in (auto, lbfgs)}
     np.testing.assert_allclose(final["auto"]["outer_loss"], final["lbfgs"]["outer_loss"], rtol=1e-8)

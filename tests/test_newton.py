@@ -122,9 +122,11 @@ def test_newton_minimize_reaches_the_tolerance_and_the_minimiser_of_a_strongly_c
     for budget in (21, 5):
         theta, info = newton.minimize(objective, start, x, y, tol=1e-12, max_steps=50, cg_iterations=budget)
         true_norm = float(jnp.sqrt(newton.squared_norm(jax.grad(objective)(theta, x, y))))
-        np.testing.assert_allclose(float(info.grad_norm), true_norm, rtol=1e-12)
+        # The reported norm comes from the converged check's linearisation, another evaluation
+        # order than jax.grad: equal up to the gradient's own round-off (a few eps of its O(1) terms).
+        np.testing.assert_allclose(float(info.grad_norm), true_norm, rtol=1e-12, atol=4 * np.finfo(np.float64).eps)
         assert true_norm <= 1e-12 and not bool(info.stalled)
-        assert int(info.linearisations) == int(info.steps) + 1
+        assert int(info.gradients) == int(info.steps) + 1  # no gradient after the converged check
         steps[budget] = int(info.steps)
     assert 1 <= steps[21] <= 10 and steps[21] < steps[5] < 50
     # The (unique) minimiser by dense Newton steps on the flattened parameters, from θ = 0.
@@ -136,7 +138,7 @@ def test_newton_minimize_reaches_the_tolerance_and_the_minimiser_of_a_strongly_c
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(theta)[0], flat, rtol=1e-9, atol=1e-11)
     # Already converged: no step, one linearisation.
     again, info = newton.minimize(objective, theta, x, y, tol=1e-10, max_steps=50, cg_iterations=5)
-    assert int(info.steps) == 0 and int(info.linearisations) == 1
+    assert int(info.steps) == 0 and int(info.gradients) == 1
     np.testing.assert_array_equal(jax.flatten_util.ravel_pytree(again)[0], jax.flatten_util.ravel_pytree(theta)[0])
 
 
@@ -144,6 +146,7 @@ def test_newton_minimize_stops_at_its_step_cap_and_reports_the_norm_there():
     objective, start, x, y = _logistic(seed=1)
     theta, info = newton.minimize(objective, start, x, y, tol=1e-14, max_steps=2, cg_iterations=1)
     assert int(info.steps) == 2 and not bool(info.stalled)
+    assert int(info.gradients) == 2 + 1  # the steps' linearisations and the gradient at the returned θ
     true_norm = float(jnp.sqrt(newton.squared_norm(jax.grad(objective)(theta, x, y))))
     np.testing.assert_allclose(float(info.grad_norm), true_norm, rtol=1e-12)
     assert true_norm > 1e-14
