@@ -29,16 +29,19 @@ chunk's state exists at a time and the writes of one file happen in order), and
 writer thread is raised in the calling thread at that wait.
 
 **Sharding across local devices.** The batch axis of every chunk is split over the local
-devices (``devices=None``: all of them; an int: the first that many) with ``jax.sharding``:
-a 1-D ``Mesh`` over the axis ``"inits"``, the batched inputs placed with
-``NamedSharding(mesh, P("inits"))``, everything else (θ*, labels: constants of the
-program) replicated. The compiled program is the same ``jit(vmap(...))``; jit propagates
-the input sharding, and ``out_shardings`` keeps states and records split the same way, so
-every device runs chunk/devices initialisations and they never exchange data (except the
-stopping test of a batched ``while_loop``, which must agree across the batch). Chunk sizes
-are rounded up to a multiple of the device count (the padding repeats the last element, as
-above). The results do not depend on the device count: a vmapped program never mixes
-the batch, and tests hold 8 devices against 1 to 1e-12.
+devices (``devices=None``: all of them; an int: the first that many): a 1-D ``Mesh`` over the
+axis ``"inits"``, the batched inputs placed with ``NamedSharding(mesh, P("inits"))``, and each
+program is ``jit(shard_map(vmap(f)))``: every device runs ``vmap(f)`` on its own
+chunk/devices initialisations, θ* and the labels (constants of the program) replicated. The
+devices never exchange data, not even to stop a loop: a data-dependent ``while_loop`` (an
+accurate inner solve) stops when the slowest initialisation *on that device* does. (Under a
+plain ``jit(vmap(f))`` of sharded inputs its predicate would be an all-reduce over the whole
+batch: every device would wait for the slowest initialisation anywhere, and on XLA:CPU with
+as many simulated devices as cores that rendezvous was seen to stall until its 40 s timeout
+killed the process.) Chunk sizes are rounded up to a multiple of the device count (the
+padding repeats the last element, as above). The results do not depend on the device count
+beyond round-off: a vmapped program never mixes the batch, and tests hold 8 devices against
+1 to 1e-12.
 
 Per-initialisation diagnostics stay per initialisation: vmap never mixes the batch, and
 the methods freeze an initialisation whose loss or gradient becomes non-finite.
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -148,14 +152,28 @@ class BatchedProgram:
 
 
 def batched_program(init: Callable, run: Callable, finish: Callable, where: Placement) -> BatchedProgram:
-    """vmap the single-initialisation functions and jit them with the batch sharded over ``where``."""
-    out = where.batch  # a prefix for every output: all of them are batched along axis 0
+    """vmap the single-initialisation functions over each device's slice of the batch, with
+    ``jax.shard_map`` over ``where``'s devices, and jit them.
+
+    Each device runs ``vmap(f)`` on its own chunk/devices initialisations as a program of its
+    own: the stopping test of a data-dependent loop (a refresh's Newton iterations, an L-BFGS
+    solve) is taken over that device's slice only, so no device waits for the slowest
+    initialisation on another, and the programs contain no collective at all. (A plain
+    ``jit(vmap(f))`` over sharded inputs would turn every such test into a cross-device
+    all-reduce, whose rendezvous can also stall XLA:CPU when simulated devices outnumber cores.)
+    """
+    spec = PartitionSpec(AXIS)
+    per_device = functools.partial(jax.shard_map, mesh=where.mesh, out_specs=spec, check_vma=False)
+
+    def run_segment(state, hyper, n_steps, start):
+        # ``start`` (the first step's index) is shared by the batch: replicated, and traced (no recompile per segment).
+        body = lambda s, h, first: jax.vmap(run, in_axes=(0, 0, None, None))(s, h, n_steps, first)
+        return per_device(body, in_specs=(spec, spec, PartitionSpec()))(state, hyper, start)
+
     return BatchedProgram(
-        init=jax.jit(jax.vmap(init), out_shardings=out),
-        # ``start`` (the first step's index) is shared by the batch: unbatched, and traced (no recompile per segment).
-        run=jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)), static_argnums=2, donate_argnums=0,
-                    out_shardings=out),
-        finish=jax.jit(jax.vmap(finish), out_shardings=out),
+        init=jax.jit(per_device(jax.vmap(init), in_specs=(spec, spec))),
+        run=jax.jit(run_segment, static_argnums=2, donate_argnums=0),
+        finish=jax.jit(per_device(jax.vmap(finish), in_specs=(spec, spec))),
         placement=where)
 
 
