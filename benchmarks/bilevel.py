@@ -31,8 +31,9 @@ warm-up call that compiles; every result is ``jax.block_until_ready``-ed before 
     (steady state). Sequential: one jitted single-initialisation init → run_steps →
     evaluate, compiled once and called K times. Target: vmapped / sequential ≤ 0.5
     (steady state). Where the host has more than one core, the same batch is also timed
-    sharded over one XLA CPU device per core (``batching.placement``, as ``--devices`` runs it),
-    against the same sequential runs, in a child process started with
+    sharded over one XLA CPU device per core (``batching.placement``, as ``--devices`` runs it:
+    ``jit(shard_map(vmap(f)))``, each device stopping its loops on its own), as one chunk and in
+    chunks of K/2 and K/4, against the same sequential runs, in a child process started with
     ``--xla_force_host_platform_device_count`` set to the core count (``sharded_vmap_in_child``). Diagnostics: the slowest-element penalty of a vmapped while_loop
     (Σ_steps max_k iterations / Σ_steps mean_k iterations), and the vmapped/sequential
     ratio of a plain gradient and of the inner solve alone, and the ceiling: the same ratio for
@@ -583,7 +584,8 @@ def benchmark_vmap(sizes: dict) -> dict:
               f"{row['ratio_with_compile']:.2f} (each including one compile)   target <= {TARGET_VMAP_RATIO}\n"
               + (f"  sharded over {row['sharded_devices']} CPU devices (one per core, in a child process), execution "
                  f"only: {row['sharded_execution_s']:.2f} s against {row['sharded_sequential_s']:.2f} s sequential there, "
-                 f"ratio {row['ratio_sharded']:.2f}\n"
+                 f"ratio {row['ratio_sharded']:.2f}; in chunks of "
+                 + ", ".join(f"{c}: {r:.2f}" for c, r in row["ratio_sharded_by_chunk"].items()) + "\n"
                  if "ratio_sharded" in row else "") +
               f"  max |final outer loss vmapped - sequential| = {max_loss_difference:.1e}\n"
               f"  inner iterations per step: mean {row['inner_iterations_mean']:.1f}, max {row['inner_iterations_max']}; "
@@ -605,24 +607,31 @@ def benchmark_vmap(sizes: dict) -> dict:
 
 def sharded_vmap(sizes: dict) -> dict:
     """(b) with the batch sharded over every local device (``batching.placement``, as
-    ``--devices`` runs it) against the same K sequential single runs on the first device, both
-    timed in this process. Execution only (each program compiled by a first call)."""
+    ``--devices`` runs it: ``jit(shard_map(vmap(f)))``) against the same K sequential single runs
+    on the first device, both timed in this process. Execution only (each program compiled by a
+    first call). The whole batch in one chunk (what ``run_batched`` does when K fits in memory),
+    and for comparison in chunks of K/2 and K/4 run one after another, as ``--chunk-size`` does."""
     victim, x0, hyper = vmap_setting(sizes)
     k, steps = sizes["k_inits"], sizes["steps_b"]
     config = bilevel.BilevelConfig(steps=steps, engine="amortized")
     init, run, finish, single = single_run_functions(config, victim["problem"], steps)
     where = batching.placement()
     program = batching.batched_program(init, run, finish, where)
-    xs, hs = where.put(x0), where.put(hyper)
-    sharded = lambda: program.finish(program.run(program.init(xs, hs), hs, steps, 0)[0], hs)
     one_hyper = jax.tree_util.tree_map(lambda a: a[0], hyper)
-    block(sharded()), block(single(x0[0], one_hyper))
     repeats = sizes["exec_repeats_b"] + 1
-    sharded_seconds = median_seconds(sharded, repeats=repeats, warmup=False)
+    block(single(x0[0], one_hyper))
     sequential_seconds = median_seconds(lambda: [block(single(x0[i], one_hyper)) for i in range(k)],
                                         repeats=repeats, warmup=False)
-    return {"sharded_devices": where.n_devices, "sharded_execution_s": sharded_seconds,
-            "sharded_sequential_s": sequential_seconds, "ratio_sharded": sharded_seconds / sequential_seconds}
+    chunk_seconds = {}
+    for chunk in sorted({k, where.round_up(max(1, k // 2)), where.round_up(max(1, k // 4))}, reverse=True):
+        pieces = [(where.put(x0[i:i + chunk]), where.put(jax.tree_util.tree_map(lambda a: a[i:i + chunk], hyper)))
+                  for i in range(0, k, chunk)]
+        sharded = lambda: [program.finish(program.run(program.init(xs, hs), hs, steps, 0)[0], hs) for xs, hs in pieces]
+        block(sharded())
+        chunk_seconds[chunk] = median_seconds(lambda: block(sharded()), repeats=repeats, warmup=False)
+    return {"sharded_devices": where.n_devices, "sharded_execution_s": chunk_seconds[k],
+            "sharded_sequential_s": sequential_seconds, "ratio_sharded": chunk_seconds[k] / sequential_seconds,
+            "ratio_sharded_by_chunk": {str(c): t / sequential_seconds for c, t in chunk_seconds.items()}}
 
 
 def sharded_vmap_in_child(sizes: dict) -> dict:

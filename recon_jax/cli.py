@@ -194,8 +194,9 @@ def _add_attack_args(p, *, sweep: bool) -> None:
                         "indefinite H), or auto (default: cg for affine victims, minres with hidden layers)")
     b.add_argument("--refresh-solver", choices=bilevel.REFRESH_SOLVERS, default=defaults.refresh_solver,
                    help="amortized: the accurate inner solve at a refresh and at the end: newton (fixed-budget "
-                        "Newton-CG steps, batch-friendly), lbfgs, or auto (default: newton for affine victims, "
-                        "lbfgs with hidden layers)")
+                        "Newton-CG steps), lbfgs (L-BFGS with a fixed-length line search, at most --inner-maxiter "
+                        "iterations), both batch-friendly; jaxopt (jaxopt's L-BFGS, nested loops); or auto "
+                        "(default: newton for affine victims, lbfgs with hidden layers)")
     b.add_argument("--refresh-cg", type=int, default=defaults.refresh_cg,
                    help=f"amortized, newton refresh: CG iterations per Newton step (default {defaults.refresh_cg})")
     b.add_argument("--product-precision", choices=bilevel.PRODUCT_PRECISIONS, default=defaults.product_precision,

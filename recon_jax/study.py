@@ -399,24 +399,46 @@ def _own_method_only(spec_json: dict) -> dict:
 
 
 REFRESH_BUDGETS = ("refresh_cg", "refresh_newton_steps")
+REFRESH_NAMES = 2  # the revision of the refresh solvers' names that keys are written in
+LEGACY_REFRESH_NAMES = {"lbfgs": "jaxopt"}  # revision 1 → 2 ("auto" by convexity: _current_refresh_names)
+REFRESH_NAMES = 2  # the revision of the refresh solvers' names that keys are written in
+LEGACY_REFRESH_NAMES = {"lbfgs": "jaxopt"}  # revision 1 → 2 ("auto" resolved by convexity)
 
 
 def _resolved_bilevel(table: dict, convex: bool) -> dict:
     """A bilevel spec's table as it runs: the engine "auto" picks, and the amortized engine's
     adjoint solver (``bilevel.solver_for``) and refresh solver (``bilevel.refresh_solver_for``,
     with its budgets only where it is Newton), which the implicit engine does not use and so
-    leaves out. A table saved before a solver was a setting ran CG and L-BFGS."""
+    leaves out. ``table`` names its settings as today (``_current_refresh_names`` translates
+    saved ones); the key carries ``refresh_names`` = ``REFRESH_NAMES``, the revision of the
+    refresh solvers' names it is written in."""
     engine = bilevel.engine_for(table.get("engine", "auto"), convex)
     table = {**table, "engine": engine}
     solver = table.pop("adjoint_solver", "cg")
-    refresh = table.pop("refresh_solver", "lbfgs")
+    refresh = table.pop("refresh_solver", "auto")
+    table.pop("refresh_names", None)
     budgets = {name: table.pop(name) for name in REFRESH_BUDGETS if name in table}
     if engine == "amortized":
         table["adjoint_solver"] = bilevel.solver_for(solver, convex)
         table["refresh_solver"] = bilevel.refresh_solver_for(refresh, convex)
+        table["refresh_names"] = REFRESH_NAMES
         if table["refresh_solver"] == "newton":
             table.update(budgets)
     return table
+
+
+def _current_refresh_names(table: dict, convex: bool) -> dict:
+    """A saved bilevel table with its refresh solver in today's names. Before 2026-12-02 (no
+    ``refresh_names`` in the table) "lbfgs" named jaxopt's L-BFGS, now "jaxopt", and "auto"
+    meant Newton for a convex inner problem and jaxopt's L-BFGS otherwise; a table saved before
+    the refresh solver was a setting (none named) ran jaxopt's, and CG for the adjoint."""
+    if table.get("refresh_names") == REFRESH_NAMES:
+        return table
+    refresh = table.get("refresh_solver", "jaxopt")
+    refresh = LEGACY_REFRESH_NAMES.get(refresh, refresh)
+    if refresh == "auto":
+        refresh = "newton" if convex else "jaxopt"
+    return {**table, "refresh_solver": refresh}
 
 
 def _saved_spec_as_keyed_now(spec_json: dict, convex: bool) -> dict:
@@ -430,7 +452,7 @@ def _saved_spec_as_keyed_now(spec_json: dict, convex: bool) -> dict:
         return spec_json
     if table.get("engine") == "auto":
         table = {**table, "engine": "amortized" if convex else "implicit"}
-    return {**spec_json, "bilevel": _resolved_bilevel(table, convex)}
+    return {**spec_json, "bilevel": _resolved_bilevel(_current_refresh_names(table, convex), convex)}
 
 
 def reusable(saved: dict | None, config: StudyConfig, cell: Cell) -> bool:

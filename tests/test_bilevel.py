@@ -142,11 +142,12 @@ def small_run():
     return problem, config, x0, hyper
 
 
-@pytest.mark.parametrize("engine, refresh", [("implicit", "auto"), ("amortized", "lbfgs"), ("amortized", "newton")])
+@pytest.mark.parametrize("engine, refresh", [("implicit", "auto"), ("amortized", "lbfgs"), ("amortized", "newton"),
+                                             ("amortized", "jaxopt")])
 def test_vmap_equals_a_loop_of_single_runs(small_run, engine, refresh):
     """Up to reassociation: float64 round-off for the implicit engine; the amortized engine's
     float32 Hessian products (``product_precision``) round differently when batched. With
-    either refresh solver (the Newton one stops each element at its own tolerance)."""
+    any refresh solver (Newton's and ``recon_jax.lbfgs``'s stop each element at its own tolerance)."""
     problem, config, x0, hyper = small_run
     config = dataclasses.replace(config, engine=engine, refresh_solver=refresh)
     rtol, atol = (1e-9, 1e-12) if engine == "implicit" else (1e-6, 1e-8)
@@ -171,11 +172,11 @@ def test_chunks_and_segments_do_not_change_results(small_run, engine):
     chunked = _batched(problem, config, x0, hyper, chunk_size=3, segment=4)  # last chunk padded
     np.testing.assert_allclose(chunked[0].images, whole[0].images, rtol=rtol, atol=atol)
     for name in whole[1]:
-        # The amortized record's ‖∇_θL‖ comes from the float32 linearisation: a diagnostic whose
-        # own round-off (≈1e-7 of the gradient's scale) is a large part of a converged value.
-        loose = engine == "amortized" and name == "inner_grad_norm"
-        np.testing.assert_allclose(chunked[1][name], whole[1][name], rtol=1e-2 if loose else rtol, atol=atol,
-                                   err_msg=name)
+        # The amortized record's ‖∇_θL‖ and relative CG residual come from float32 products:
+        # diagnostics whose own round-off (≈1e-7 relative) is a large part of a converged value.
+        loose = engine == "amortized" and name in ("inner_grad_norm", "cg_residual")
+        np.testing.assert_allclose(chunked[1][name], whole[1][name], rtol=1e-2 if loose else rtol,
+                                   atol=1e-7 if loose else atol, err_msg=name)
 
 
 def test_a_diverging_initialisation_is_flagged_and_isolated(small_run):
@@ -327,7 +328,10 @@ def test_amortized_refresh_runs_at_step_zero_and_every_period_across_segments(sm
     config = bilevel.BilevelConfig(steps=7, refresh_every=3, engine="amortized", inner=InnerConfig(tol=1e-11, cg_tol=1e-11))
     whole = _batched(problem, config, x0, hyper)
     pieces = _batched(problem, config, x0, hyper, chunk_size=3, segment=2)
-    np.testing.assert_allclose(pieces[0].images, whole[0].images, rtol=1e-7, atol=1e-10)
+    # The refresh's L-BFGS stops each element at ‖∇L‖ ≤ 1e-11; a batch of another size rounds
+    # differently, may stop one iteration apart (θ within tol/μ), and Adam's normalised steps
+    # carry that into pixels whose gradient is near zero: measured 1e-7 relative at most.
+    np.testing.assert_allclose(pieces[0].images, whole[0].images, rtol=1e-6, atol=1e-10)
     # Iteration counts and step sizes are decided by tests at round-off level (a CG residual
     # against 1e-11, an Armijo test once the Newton step is negligible), which XLA's
     # batch-size-dependent reductions may flip; the floating-point records agree.
@@ -346,37 +350,44 @@ def test_amortized_refresh_runs_at_step_zero_and_every_period_across_segments(sm
     assert (whole[1]["refresh_correction"][:, 0] > whole[1]["refresh_correction"][:, 6]).all()
 
 
-def test_newton_refresh_agrees_with_the_lbfgs_refresh_on_a_convex_inner_problem(small_run):
-    """``refresh_solver``: "auto" is Newton–CG for a convex inner problem and L-BFGS otherwise;
-    both re-solve θ to the inner tolerance, so θ agrees to ‖∇L‖/μ (μ = λ_wd), v to the CG
-    tolerance, and so does the final evaluation. The record counts the Newton solve's cost."""
+def test_refresh_solvers_agree_on_a_convex_inner_problem(small_run):
+    """``refresh_solver``: "auto" is Newton–CG for a convex inner problem and ``recon_jax.lbfgs``
+    otherwise; every solver re-solves θ to the inner tolerance, so θ agrees to ‖∇L‖/μ (μ = λ_wd),
+    v to the CG tolerance, and so does the final evaluation. The record counts each solve's cost."""
     problem, config, x0, _ = small_run
     convex = problem.replace(convex=True)
     auto = dataclasses.replace(config, engine="amortized")
     assert bilevel.refresh_solver_for(auto.refresh_solver, True) == "newton"
     assert bilevel.refresh_solver_for(auto.refresh_solver, False) == "lbfgs"
-    assert bilevel.refresh_solver_for("lbfgs", True) == "lbfgs"
+    assert bilevel.refresh_solver_for("jaxopt", True) == "jaxopt"
     state = bilevel.init_state(auto, convex, x0[0])
-    newton_state, newton_record = jax.jit(lambda s: bilevel.refresh(auto, convex, s))(state)
-    lbfgs = dataclasses.replace(auto, refresh_solver="lbfgs")
-    lbfgs_state, lbfgs_record = jax.jit(lambda s: bilevel.refresh(lbfgs, convex, s))(state)
+    configs = {solver: dataclasses.replace(auto, refresh_solver=solver) for solver in ("newton", "lbfgs", "jaxopt")}
+    refreshed = {solver: jax.jit(lambda s, c=c: bilevel.refresh(c, convex, s))(state) for solver, c in configs.items()}
     flat = lambda tree: ravel_pytree(tree)[0]
-    for name in ("inner_params", "adjoint"):
-        a, b = flat(getattr(newton_state, name)), flat(getattr(lbfgs_state, name))
-        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-7
-    gradient = jax.grad(convex.objective)(newton_state.inner_params, x0[0], convex.labels)
-    assert float(jnp.sqrt(squared_norm(gradient))) <= 1e-11
+    for solver in ("lbfgs", "jaxopt"):
+        for name in ("inner_params", "adjoint"):
+            a, b = flat(getattr(refreshed["newton"][0], name)), flat(getattr(refreshed[solver][0], name))
+            assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-7, (solver, name)
+    for solver, (new_state, _) in refreshed.items():
+        gradient = jax.grad(convex.objective)(new_state.inner_params, x0[0], convex.labels)
+        assert float(jnp.sqrt(squared_norm(gradient))) <= 1e-10, solver
     # Cost: the Newton steps' linearisations and the converged check (two gradients each with
     # float32 products) + the adjoint's linearisation; their CG budgets + the adjoint CG's products.
     _, info, gradients, hvps = bilevel.accurate_solve(auto, convex, state.inner_params, x0[0])
     steps = int(info.iterations)
+    newton_record = refreshed["newton"][1]
     assert steps >= 1 and int(hvps) == steps * auto.refresh_cg
     assert int(gradients) == 2 * (steps + 1)  # float32 products: two gradients a linearisation, converged
     assert float(newton_record["refresh_gradients"]) == 2 * (steps + 1) + 1
     assert float(newton_record["refresh_hvps"]) > steps * auto.refresh_cg
-    final = {c.refresh_solver: jax.jit(lambda s, c=c: bilevel.evaluate(c, convex, s))(newton_state) for c in (auto, lbfgs)}
-    np.testing.assert_allclose(final["auto"]["outer_loss"], final["lbfgs"]["outer_loss"], rtol=1e-8)
-    assert float(final["auto"]["inner_grad_norm"]) <= 1e-11
+    # L-BFGS: one gradient at the start and one per iteration, no Hessian products.
+    _, info, gradients, hvps = bilevel.accurate_solve(configs["lbfgs"], convex, state.inner_params, x0[0])
+    assert int(gradients) == int(info.iterations) + 1 >= 2 and int(hvps) == 0 and not bool(info.failed_linesearch)
+    final = {solver: jax.jit(lambda s, c=c: bilevel.evaluate(c, convex, s))(refreshed["newton"][0])
+             for solver, c in configs.items()}
+    for solver in ("lbfgs", "jaxopt"):
+        np.testing.assert_allclose(final["newton"]["outer_loss"], final[solver]["outer_loss"], rtol=1e-8)
+    assert float(final["newton"]["inner_grad_norm"]) <= 1e-11
 
 
 def test_engines_reach_the_same_images(small_run):

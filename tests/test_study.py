@@ -316,9 +316,9 @@ def test_cell_key_records_the_adjoint_solver_that_runs():
 
 def test_cell_key_records_the_refresh_solver_that_runs():
     """The amortized engine's refresh solver is in the key as it runs ("auto": Newton for a convex
-    inner problem, L-BFGS otherwise), with the Newton budgets only where Newton runs. A cell
-    saved before the setting ran L-BFGS: it is reused where L-BFGS runs now (hidden layers under
-    "auto", or "lbfgs"), and rerun where Newton does."""
+    inner problem, ``recon_jax.lbfgs`` otherwise), with the Newton budgets only where Newton runs.
+    A cell saved before the setting ran jaxopt's L-BFGS: it is reused only where that runs now
+    ("jaxopt"). A key of the first naming (before ``refresh_names``) said "lbfgs" for jaxopt's."""
     from recon_jax import bilevel
 
     raw = {**TINY, "victims": {"affine": {"model": "affine"}, "mlp": {"hidden": [4], "activation": "gelu"}}}
@@ -328,17 +328,28 @@ def test_cell_key_records_the_refresh_solver_that_runs():
     table = lambda solver, victim: study.cell_key(configs[solver], cells[victim])["spec"]["bilevel"]
     assert table("auto", "affine")["refresh_solver"] == "newton" and "refresh_cg" in table("auto", "affine")
     assert table("auto", "mlp")["refresh_solver"] == "lbfgs" and "refresh_cg" not in table("auto", "mlp")
-    assert table("auto", "mlp") == table("lbfgs", "mlp")
+    assert table("auto", "mlp") == table("lbfgs", "mlp") != table("jaxopt", "mlp")
+    assert table("auto", "affine") == table("newton", "affine")
+    assert table("auto", "mlp")["refresh_names"] == study.REFRESH_NAMES
 
-    def saved_before_the_setting(victim):
-        key = study.cell_key(configs["lbfgs"], cells[victim])
-        for name in ("refresh_solver", *study.REFRESH_BUDGETS):
+    def saved(victim, solver=None):
+        """A key saved before the setting existed (solver None), or by the first naming."""
+        key = study.cell_key(configs["jaxopt"], cells[victim])
+        for name in ("refresh_solver", "refresh_names", *study.REFRESH_BUDGETS):
             key["spec"]["bilevel"].pop(name, None)
+        if solver is not None:
+            key["spec"]["bilevel"]["refresh_solver"] = solver
         return {"key": key}
 
     for solver in bilevel.REFRESH_SOLVERS:
-        assert study.reusable(saved_before_the_setting("mlp"), configs[solver], cells["mlp"]) == (solver != "newton")
-        assert study.reusable(saved_before_the_setting("affine"), configs[solver], cells["affine"]) == (solver == "lbfgs")
+        for victim in ("mlp", "affine"):
+            assert study.reusable(saved(victim), configs[solver], cells[victim]) == (solver == "jaxopt")
+            # First naming: "lbfgs" was jaxopt's, and "auto" resolved to Newton (convex) or jaxopt's.
+            assert study.reusable(saved(victim, "lbfgs"), configs[solver], cells[victim]) == (solver == "jaxopt")
+        assert study.reusable(saved("mlp", "auto"), configs[solver], cells["mlp"]) == (solver == "jaxopt")
+    # A key written now is reused by the same setting, and by "auto" where that picks it.
+    now = {"key": study.cell_key(configs["lbfgs"], cells["mlp"])}
+    assert study.reusable(now, configs["auto"], cells["mlp"]) and not study.reusable(now, configs["jaxopt"], cells["mlp"])
 
 
 def test_a_cell_key_holds_only_its_own_attacks_settings():
