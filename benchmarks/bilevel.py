@@ -830,6 +830,9 @@ def summary_rows(results: dict) -> list[tuple[str, float, str, str]]:
                 rows.append((f"b  vmapped/sequential {backend}, sharded over {row['sharded_devices']} CPU devices",
                              row["ratio_sharded"], f"<= {TARGET_VMAP_RATIO}",
                              "PASS" if row["ratio_sharded"] <= TARGET_VMAP_RATIO else "MISS"))
+                for chunk, ratio in row.get("ratio_sharded_by_chunk", {}).items():
+                    if int(chunk) != results["b"]["k_inits"]:
+                        rows.append((f"b    ... in chunks of {chunk}", ratio, f"<= {TARGET_VMAP_RATIO}", "info"))
     if "c" in results:
         ratios = results["c"]["ratios"]
         small, large = results["c"]["iterations"]
