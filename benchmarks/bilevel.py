@@ -28,7 +28,7 @@ warm-up call that compiles; every result is ``jax.block_until_ready``-ed before 
     20 images, 20 outer steps). Vmapped: one ``batching.run_batched`` call with
     chunk_size = K (wall time, which includes its own trace + compile, since run_batched
     jits on every call), and the very same vmapped programs compiled ahead and executed
-    (steady state). Sequential: one jitted single-initialisation init → run_steps →
+    (steady state; ``batching.batched_program`` on one device). Sequential: one jitted single-initialisation init → run_steps →
     evaluate, compiled once and called K times. Target: vmapped / sequential ≤ 0.5
     (steady state). Where the host has more than one core, the same batch is also timed
     sharded over one XLA CPU device per core (``batching.placement``, as ``--devices`` runs it:
@@ -521,22 +521,22 @@ def benchmark_vmap(sizes: dict) -> dict:
     for backend, config in variants:
         init, run, finish, single = single_run_functions(config, problem, steps)
 
-        # One run_batched call: its wall time includes tracing and compiling its programs,
-        # because run_batched builds fresh jax.jit(jax.vmap(...)) wrappers on every call.
+        # One run_batched call: its wall time includes tracing and compiling its programs.
         (states, history, final), batched_call_seconds = timed(
             lambda: batching.run_batched(init, run, finish, x0, hyper, steps=steps, chunk_size=k, devices=1))
 
-        # The same vmapped programs run_batched builds, compiled ahead of time so that their
-        # execution is timed on its own. A K=64 execution varies by ±15 % between calls on
-        # this machine, hence the median over a few.
-        v_init, v_finish = jax.jit(jax.vmap(init)), jax.jit(jax.vmap(finish))
-        v_run = jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)), static_argnums=2)
+        # The programs run_batched executes on one device (``batching.batched_program``),
+        # compiled ahead of time so that their execution is timed on its own. A K=64 execution
+        # varies by ±15 % between calls on this machine, hence the median over a few.
+        where = batching.placement(1)
+        program = batching.batched_program(init, run, finish, where)
+        xs, hs = where.put(x0), where.put(hyper)
         with Stopwatch() as clock:
-            first_state = block(v_init(x0, hyper))
-            run_compiled = v_run.lower(first_state, hyper, steps, 0).compile()
-            finish_compiled = v_finish.lower(first_state, hyper).compile()
+            first_state = block(program.init(xs, hs))
+            run_compiled = program.run.lower(first_state, hs, steps, 0).compile()
+            finish_compiled = program.finish.lower(first_state, hs).compile()
         vmapped_compile_seconds = clock.seconds
-        vmapped_seconds = median_seconds(lambda: finish_compiled(run_compiled(v_init(x0, hyper), hyper, 0)[0], hyper),
+        vmapped_seconds = median_seconds(lambda: finish_compiled(run_compiled(program.init(xs, hs), hs, 0)[0], hs),
                                          repeats=sizes["exec_repeats_b"], warmup=False)
 
         # Sequential: one single-initialisation program, compiled once, called K times.

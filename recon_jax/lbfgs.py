@@ -48,14 +48,12 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from recon_jax.newton import LINE_SEARCH_STEPS, tree_axpy, tree_vdot
-from recon_jax.objectives import squared_norm
+from recon_jax.newton import ARMIJO, LINE_SEARCH_STEPS, ROUNDOFF, tree_axpy, tree_vdot
+from recon_jax.objectives import all_finite, squared_norm
 from recon_jax.precision import tree_dtype
 
 tree_map = jax.tree_util.tree_map
 
-ARMIJO = 1e-4
-ROUNDOFF = 64  # a decrease below ROUNDOFF·eps·|L| is round-off (see the line search)
 SCALE_DOWN = 1.0 / 16  # after an iteration with no accepted trial: below the smallest, ⅛
 SCALE_UP = 2.0  # after one that accepted the first trial, up to 1
 SMALLEST_SCALE = 2.0 ** -40
@@ -155,8 +153,7 @@ def minimize(objective: Callable, params, *args, tol, max_iterations: int, histo
         alpha = jnp.where(found, alphas[first], 0.0)
         new_params = tree_axpy(alpha, direction, c["params"])
         new_value, new_grad = value_and_grad(new_params, *args)
-        finite = jnp.isfinite(new_value) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g))
-                                                                for g in jax.tree_util.tree_leaves(new_grad)]))
+        finite = all_finite((new_value, new_grad))
         moved = found & finite
         s = tree_map(lambda a, b: a - b, new_params, c["params"])
         y = tree_map(lambda a, b: a - b, new_grad, c["grad"])

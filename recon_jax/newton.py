@@ -489,10 +489,12 @@ def trust_region_newton_step(objective: Callable, params, radius, *args, target,
 
 
 LINE_SEARCH_STEPS = (1.0, 0.5, 0.25, 0.125)
+ARMIJO = 1e-4  # sufficient-decrease constant c of the line searches here and in recon_jax.lbfgs
+ROUNDOFF = 64  # a predicted decrease below ROUNDOFF·eps·|L| is round-off: the Armijo test compares noise
 
 
 def guarded_newton_step(objective: Callable, params, *args, iterations: int, ridge: float = 0.0, tol: float = 0.0,
-                        steps: tuple[float, ...] = LINE_SEARCH_STEPS, armijo: float = 1e-4, product_dtype=None):
+                        steps: tuple[float, ...] = LINE_SEARCH_STEPS, armijo: float = ARMIJO, product_dtype=None):
     """A Newton–CG step with a fixed, parallel Armijo line search (for a non-convex L):
 
         d from (H + ρI) d ≈ −g by ``iterations`` CG iterations (truncated at negative curvature),
@@ -512,7 +514,7 @@ def guarded_newton_step(objective: Callable, params, *args, iterations: int, rid
 
 
 def _armijo_newton_update(objective: Callable, params, args, value, grad, hvp, *, iterations: int, ridge, tol,
-                          steps: tuple[float, ...] = LINE_SEARCH_STEPS, armijo: float = 1e-4):
+                          steps: tuple[float, ...] = LINE_SEARCH_STEPS, armijo: float = ARMIJO):
     """The body of ``guarded_newton_step`` from L(θ), g and H at θ: (θ⁺, CGInfo, α)."""
     direction, info = conjugate_gradient(hvp, tree_map(jnp.negative, grad), None, iterations=iterations,
                                          ridge=ridge, tol=tol)
@@ -521,7 +523,7 @@ def _armijo_newton_update(objective: Callable, params, args, value, grad, hvp, *
     trial = jax.vmap(lambda a: objective(tree_axpy(a, direction, params), *args))(alphas)
     # A step whose predicted decrease is below the round-off of L (θ already converged) is taken
     # whole: the test would only compare noise, and its outcome would depend on the batch.
-    negligible = -slope <= 64 * jnp.finfo(value.dtype).eps * jnp.abs(value)
+    negligible = -slope <= ROUNDOFF * jnp.finfo(value.dtype).eps * jnp.abs(value)
     accept = ((trial <= value + armijo * alphas * slope) & jnp.isfinite(trial) & (slope < 0)) | (
         negligible & jnp.isfinite(trial))
     # The first accepted α in the (decreasing) list, or 0.

@@ -401,8 +401,6 @@ def _own_method_only(spec_json: dict) -> dict:
 REFRESH_BUDGETS = ("refresh_cg", "refresh_newton_steps")
 REFRESH_NAMES = 2  # the revision of the refresh solvers' names that keys are written in
 LEGACY_REFRESH_NAMES = {"lbfgs": "jaxopt"}  # revision 1 → 2 ("auto" by convexity: _current_refresh_names)
-REFRESH_NAMES = 2  # the revision of the refresh solvers' names that keys are written in
-LEGACY_REFRESH_NAMES = {"lbfgs": "jaxopt"}  # revision 1 → 2 ("auto" resolved by convexity)
 
 
 def _resolved_bilevel(table: dict, convex: bool) -> dict:
